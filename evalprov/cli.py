@@ -1,0 +1,168 @@
+"""The `evalprov` command: parse arguments, call the flow, print. No policy lives here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+import yaml
+
+from evalprov import __version__
+from evalprov.errors import EvalprovError, Exit
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors as one line with exit 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"evalprov: error: {message}; see `{self.prog} --help`\n")
+        raise SystemExit(Exit.USAGE)
+
+
+def _dump(data: Any, fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps(data, indent=2, default=list)
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False, width=100)
+
+
+def _load(args: argparse.Namespace):
+    from evalprov.config.loader import load_config
+
+    default_execution = "baremetal" if getattr(args, "inventory", None) else "local"
+    loaded = load_config(args.config, args.override or (), default_execution=default_execution)
+    for warning in loaded.warnings:
+        print(warning, file=sys.stderr)
+    return loaded
+
+
+def _plan(args: argparse.Namespace):
+    from evalprov.hosts import host_facts
+    from evalprov.plan import plan
+
+    loaded = _load(args)
+    config = loaded.config
+    hosts = host_facts(config.execution.type, args.inventory, args.gpus, args.facts, args.limit)
+    return plan(config, hosts)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from evalprov.config.loader import resolved_dict
+
+    loaded = _load(args)
+    print(_dump(resolved_dict(loaded), args.format), end="")
+    print(f"{loaded.source}: valid", file=sys.stderr)
+    return Exit.OK
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from evalprov.show import plan_data, plan_text
+
+    result = _plan(args)
+    print(plan_text(result) if args.format == "text" else _dump(plan_data(result), args.format))
+    return Exit.OK
+
+
+def cmd_inventory(args: argparse.Namespace) -> int:
+    from evalprov.inventory import render
+
+    print(_dump(render(_plan(args)), args.format), end="")
+    return Exit.OK
+
+
+def cmd_ls_tasks(args: argparse.Namespace) -> int:
+    from evalprov.config.tasks import task_table
+    from evalprov.show import tasks_text
+
+    table = task_table()
+    if args.harness and args.harness not in table.harnesses:
+        raise EvalprovError(f"--harness: unknown harness {args.harness!r}; one of "
+                            f"{', '.join(table.harnesses)}")
+    if args.format == "text":
+        print(tasks_text(table, args.harness))
+    else:
+        rows = [
+            {"name": t.name, "harness": t.harness, "container": t.container,
+             "endpoint_types": list(t.endpoint_types), "description": t.description}
+            for t in table.tasks if args.harness in (None, t.harness)
+        ]
+        print(_dump(rows, args.format), end="")
+    return Exit.OK
+
+
+EPILOGS = {
+    "validate": "examples:\n  evalprov validate examples/local_vllm_qwen.yaml\n"
+                "  evalprov validate examples/nel_seed.yaml -o execution.walltime=04:00:00",
+    "plan": "examples:\n  evalprov plan examples/baremetal_llama_3_1_8b_instruct.yaml "
+            "-i inventories/fleet.yml\n  evalprov plan examples/nel_seed.yaml --format json\n"
+            "  evalprov plan CONFIG -i INVENTORY --gpus 8",
+    "inventory": "examples:\n  evalprov inventory examples/baremetal_llama_3_1_8b_instruct.yaml "
+                 "-i inventories/fleet.yml",
+    "ls": "examples:\n  evalprov ls tasks\n  evalprov ls tasks --harness simple_evals",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="evalprov",
+        description="Declarative provisioning for LLM evaluation on bare-metal GPU fleets: "
+        "NEL configs in, vLLM served and evaluated on your hosts.",
+    )
+    parser.add_argument("--version", action="version", version=f"evalprov {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def config_cmd(name: str, help_: str, fn, fmts=("yaml", "json")) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_, epilog=EPILOGS.get(name),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("config", help="NEL-style YAML config")
+        p.add_argument("-o", "--override", action="append", metavar="KEY=VALUE",
+                       help="override a field, YAML-typed (repeatable)")
+        p.add_argument("--format", choices=fmts, default=fmts[0])
+        p.set_defaults(func=fn)
+        return p
+
+    config_cmd("validate", "load a config and print it resolved", cmd_validate)
+    for name, help_, fn, fmts in (
+        ("plan", "show what runs where: GPUs, ports, vllm argv, tasks", cmd_plan,
+         ("text", "yaml", "json")),
+        ("inventory", "print the Ansible inventory variables evalprov generates", cmd_inventory,
+         ("yaml", "json")),
+    ):
+        p = config_cmd(name, help_, fn, fmts)
+        p.add_argument("-i", "--inventory", help="Ansible inventory of the GPU hosts")
+        p.add_argument("--limit", help="host pattern, as ansible --limit")
+        p.add_argument("--gpus", type=int, metavar="N", help="GPU count of every host")
+        p.add_argument("--facts", metavar="FILE", help="YAML/JSON host: GPU count")
+
+    ls = sub.add_parser("ls", help="list known things", epilog=EPILOGS["ls"],
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ls_sub = ls.add_subparsers(dest="what", required=True, parser_class=_Parser)
+    lt = ls_sub.add_parser("tasks", help="tasks with harness, image and endpoint type")
+    lt.add_argument("--harness", help="only this harness")
+    lt.add_argument("--format", choices=("text", "yaml", "json"), default="text")
+    lt.set_defaults(func=cmd_ls_tasks)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "gpus", None) is not None and args.gpus < 0:
+        parser.error(f"--gpus {args.gpus}: a GPU count is 0 or more")
+    try:
+        return int(args.func(args))
+    except EvalprovError as exc:
+        if args.debug:
+            raise
+        for line in exc.lines:
+            print(f"error: {line}", file=sys.stderr)
+        return int(exc.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return int(Exit.INTERRUPTED)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

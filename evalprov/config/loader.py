@@ -1,0 +1,452 @@
+"""Load a NEL-style config: defaults list, -o overrides, interpolation, validation.
+
+    compose(file, overrides)  ->  dict   (packaged defaults merged with the user's file)
+    load_config(file, ...)    ->  LoadedConfig(config, warnings)
+
+Every problem becomes one line naming the field, the value and the fix (ConfigError).
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from evalprov.config.models import NOT_ACTED_ON, Config
+from evalprov.config.tasks import task_table
+from evalprov.errors import ConfigError
+
+SUPPORTED = {
+    "execution": ("baremetal", "local", "slurm/default"),
+    "deployment": ("vllm", "none"),
+}
+# Options NEL has that evalprov does not run: an "unsupported" error, not "unknown".
+UNSUPPORTED = {
+    "execution": ("lepton", "lepton/default"),
+    "deployment": ("sglang", "nim", "trtllm", "vllm_ray", "generic"),
+}
+_TYPE_TO_OPTION = {"slurm": "slurm/default", "lepton": "lepton/default"}
+_INTERP = re.compile(r"\$\{([^${}]+)\}")
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+@dataclass
+class LoadedConfig:
+    config: Config
+    warnings: list[str] = field(default_factory=list)
+    source: str = ""
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config: file {str(p)!r} not found; give the path of a YAML config")
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config: cannot read {str(p)!r} ({exc.__class__.__name__}); "
+                          "give a readable YAML file")
+    try:
+        data = yaml.load(text, Loader=_Loader)  # noqa: S506 - a safe loader
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"config: {p}{where}: invalid YAML ({problem}); fix the syntax there")
+    if data is None:
+        raise ConfigError(f"config: {p} is empty; start from examples/ or the README")
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config: {p} holds a {type(data).__name__}, not a mapping; the top level must have "
+            "keys such as deployment:, execution:, evaluation:"
+        )
+    return data
+
+
+def _packaged(group: str, option: str) -> dict[str, Any]:
+    parts = f"{option}.yaml".split("/")
+    ref = resources.files("evalprov.config").joinpath("defaults", group, *parts)
+    return yaml.load(ref.read_text(), Loader=_Loader) or {}  # noqa: S506
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` with YAML typing of the value (``-o x.y=false`` is a real False)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or not re.match(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$", key):
+        raise ConfigError(
+            f"-o {text!r}: an override is key.path=value, e.g. -o deployment.port=8001"
+        )
+    try:
+        value = yaml.load(raw, Loader=_Loader) if raw.strip() else ""  # noqa: S506
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_override(data: dict[str, Any], path: list[str], value: Any, text: str) -> None:
+    node: Any = data
+    for i, part in enumerate(path[:-1]):
+        nxt = path[i + 1]
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"-o {text!r}: {'.'.join(path[:i + 1])} is not an index of a "
+                                  f"list of {len(node)}; use 0..{len(node) - 1}")
+            node = node[int(part)]
+            continue
+        if not isinstance(node, dict):
+            raise ConfigError(f"-o {text!r}: {'.'.join(path[:i])} is not a mapping")
+        if part not in node or node[part] is None:
+            node[part] = [] if nxt.isdigit() else {}
+        node = node[part]
+    last = path[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError(f"-o {text!r}: {last} is not an index of a list of {len(node)}")
+        node[int(last)] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise ConfigError(f"-o {text!r}: {'.'.join(path[:-1])} is not a mapping")
+
+
+# --------------------------------------------------------------------------- composition
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _defaults_entries(raw: Any) -> list[Any]:
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise ConfigError(
+            "defaults: must be a list such as [{execution: local}, {deployment: vllm}, _self_]"
+        )
+    return raw
+
+
+def _choose(group: str, option: Any) -> str:
+    option = str(option)
+    if option in SUPPORTED[group]:
+        return option
+    if option in UNSUPPORTED[group] or option.split("/")[0] in UNSUPPORTED[group]:
+        raise ConfigError(
+            f"{group}: {option!r} is unsupported by evalprov; supported: "
+            f"{', '.join(SUPPORTED[group])}"
+        )
+    close = difflib.get_close_matches(option, SUPPORTED[group], n=1)
+    hint = f"did you mean {close[0]}?" if close else f"use one of {', '.join(SUPPORTED[group])}"
+    raise ConfigError(f"defaults: unknown {group} {option!r}; {hint}")
+
+
+def compose(user: dict[str, Any], default_execution: str = "local") -> dict[str, Any]:
+    """Merge packaged defaults and the user's dict in defaults-list order (``_self_`` last
+    unless placed elsewhere)."""
+    user = copy.deepcopy(user)
+    entries = _defaults_entries(user.get("defaults"))
+    choices: dict[str, str] = {}
+    order: list[str] = []
+    for entry in entries:
+        if entry == "_self_":
+            order.append("_self_")
+            continue
+        if not isinstance(entry, dict) or len(entry) != 1:
+            raise ConfigError(
+                f"defaults: entry {entry!r} must be _self_ or one group: option, e.g. "
+                "{deployment: vllm}"
+            )
+        (group, option), = entry.items()
+        group = str(group).removeprefix("override ").strip()
+        if group not in SUPPORTED:
+            raise ConfigError(
+                f"defaults: unknown group {group!r}; evalprov composes execution and deployment"
+            )
+        choices[group] = _choose(group, option)
+        order.append(group)
+    # A section that states its own type picks its group option when the list does not.
+    for group in SUPPORTED:
+        section = user.get(group)
+        if group not in choices and isinstance(section, dict) and "type" in section:
+            typ = str(section["type"])
+            choices[group] = _choose(group, _TYPE_TO_OPTION.get(typ, typ))
+    choices.setdefault("execution", default_execution)
+    choices.setdefault("deployment", "none")
+    if "_self_" not in order:
+        order.append("_self_")
+    for group in SUPPORTED:
+        if group not in order:
+            order.insert(0, group)
+
+    root = _packaged("", "default")
+    root.pop("defaults", None)
+    user_body = {k: v for k, v in user.items() if k != "defaults"}
+    composed = root
+    for step in order:
+        if step == "_self_":
+            composed = _merge(composed, user_body)
+        else:
+            composed = _merge(composed, {step: _packaged(step, choices[step])})
+    composed["defaults"] = [{g: choices[g]} for g in SUPPORTED] + ["_self_"]
+    return composed
+
+
+# --------------------------------------------------------------------------- interpolation
+
+
+def _lookup(root: dict[str, Any], dotted: str) -> Any:
+    node: Any = root
+    for part in dotted.split("."):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            raise KeyError(dotted)
+    return node
+
+
+def _resolve_one(expr: str, root: dict[str, Any], where: str, environ) -> Any:
+    expr = expr.strip()
+    if expr.startswith("oc.env:"):
+        name, comma, default = expr[len("oc.env:"):].partition(",")
+        name = name.strip()
+        if name in environ:
+            return environ[name]
+        if comma:
+            return default.strip().strip("'\"")
+        raise ConfigError(
+            f"{where}: ${{oc.env:{name}}} reads {name} from the environment, which is not set; "
+            f"export {name} or give a default as ${{oc.env:{name},default}}"
+        )
+    if re.match(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$", expr):
+        try:
+            return _lookup(root, expr)
+        except KeyError:
+            raise ConfigError(f"{where}: ${{{expr}}} refers to a field that does not exist; "
+                              "fix the reference") from None
+    raise ConfigError(
+        f"{where}: interpolation ${{{expr}}} is not supported; evalprov resolves "
+        "${oc.env:VAR[,default]} and ${path.to.field}"
+    )
+
+
+def interpolate(root: dict[str, Any], environ=None) -> dict[str, Any]:
+    environ = os.environ if environ is None else environ
+
+    def walk(node: Any, where: str, depth: int = 0) -> Any:
+        if isinstance(node, dict):
+            return {k: walk(v, f"{where}.{k}" if where else str(k), depth) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v, f"{where}.{i}", depth) for i, v in enumerate(node)]
+        if isinstance(node, str) and "${" in node:
+            if depth > 8:
+                raise ConfigError(f"{where}: interpolation nests too deep; remove the cycle")
+            whole = _INTERP.fullmatch(node.strip())
+            if whole:
+                return walk(_resolve_one(whole.group(1), root, where, environ), where, depth + 1)
+            text = _INTERP.sub(lambda m: str(_resolve_one(m.group(1), root, where, environ)), node)
+            return walk(text, where, depth + 1)
+        return node
+
+    return walk(root, "")
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _placeholders(node: Any, where: str = "") -> list[str]:
+    if isinstance(node, dict):
+        return [
+            e for k, v in node.items()
+            for e in _placeholders(v, f"{where}.{k}" if where else str(k))
+        ]
+    if isinstance(node, list):
+        return [e for i, v in enumerate(node) for e in _placeholders(v, f"{where}.{i}")]
+    if node == "???":
+        return [f"{where}: required value missing (??? placeholder); set it in the config or "
+                f"with -o {where}=VALUE"]
+    return []
+
+
+_TAGGED = {"deployment": "type", "execution": "type"}
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    """Dotted field path; drops the tag pydantic inserts after a discriminated union."""
+    parts = [str(p) for p in loc]
+    if len(parts) > 1 and parts[0] in _TAGGED:
+        del parts[1]
+    return ".".join(parts)
+
+
+def _submodel(annotation: Any) -> type[BaseModel] | None:
+    from typing import get_args
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _submodel(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _fields_at(parts: list[str], data: dict[str, Any]) -> list[str]:
+    """Field names valid at a dotted path, for "did you mean" hints."""
+    from evalprov.config import models as m
+
+    by_type = {
+        "deployment": {"vllm": m.VllmDeployment, "none": m.NoneDeployment},
+        "execution": {"slurm": m.SlurmExecution, "local": m.LocalExecution,
+                      "baremetal": m.BaremetalExecution},
+    }
+    model: type[BaseModel] | None = Config
+    for i, part in enumerate(parts):
+        if model is None:
+            return []
+        if part.isdigit():
+            continue
+        if i == 0 and part in by_type:
+            typ = (data.get(part) or {}).get("type") if isinstance(data.get(part), dict) else None
+            model = by_type[part].get(typ)
+            continue
+        fld = model.model_fields.get(part)
+        model = _submodel(fld.annotation) if fld else None
+    return list(model.model_fields) if model else []
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def format_validation_error(exc: ValidationError, data: dict[str, Any]) -> list[str]:
+    lines = []
+    for err in exc.errors(include_url=False):
+        loc = tuple(err["loc"])
+        path = _loc(loc)
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            key = str(loc[-1])
+            parent = path.rsplit(".", 1)[0] if "." in path else ""
+            names = _fields_at(parent.split(".") if parent else [], data)
+            close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]}?" if close else "remove it (see examples/)"
+            lines.append(f"{path or key}: unknown field; {hint}")
+            continue
+        if kind == "missing":
+            lines.append(f"{path}: required field missing; set it in the config or with "
+                         f"-o {path}=VALUE")
+            continue
+        msg = err["msg"]
+        msg = msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
+        if kind.startswith("value_error"):
+            lines.append(f"{path or 'config'}: {msg}")
+        elif kind == "literal_error":
+            expected = err.get("ctx", {}).get("expected", "")
+            lines.append(f"{path}: got {_short(err.get('input'))}; use one of {expected}")
+        else:
+            lines.append(f"{path}: got {_short(err.get('input'))}: {msg[0].lower()}{msg[1:]}")
+    return list(dict.fromkeys(lines))
+
+
+def _warnings(user: dict[str, Any]) -> list[str]:
+    out = []
+    for dotted, empty in NOT_ACTED_ON:
+        try:
+            value = _lookup(user, dotted)
+        except KeyError:
+            continue
+        if value != empty:
+            out.append(f"warning: {dotted} is accepted but not acted on by evalprov yet")
+    for i, task in enumerate((user.get("evaluation") or {}).get("tasks") or []):
+        if isinstance(task, dict):
+            for key in ("pre_cmd", "post_cmd"):
+                if task.get(key):
+                    out.append(f"warning: evaluation.tasks.{i}.{key} is accepted but not acted on "
+                               "by evalprov yet")
+    return out
+
+
+def _check_tasks(config: Config) -> None:
+    table = task_table()
+    errors = []
+    for i, task in enumerate(config.evaluation.tasks):
+        try:
+            table.resolve(task.name, task.container, f"evaluation.tasks.{i}.name")
+        except ConfigError as exc:
+            errors.extend(exc.lines)
+    if errors:
+        raise ConfigError(*errors)
+
+
+def validate(data: dict[str, Any], user: dict[str, Any]) -> LoadedConfig:
+    errors = _placeholders(data)
+    if errors:
+        raise ConfigError(*errors)
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(*format_validation_error(exc, data)) from None
+    _check_tasks(config)
+    return LoadedConfig(config=config, warnings=_warnings(user))
+
+
+def load_config(
+    path: str | Path,
+    overrides: list[str] | tuple[str, ...] = (),
+    default_execution: str = "local",
+    environ=None,
+) -> LoadedConfig:
+    """Read, compose, override, interpolate and validate one config file."""
+    user = read_yaml(path)
+    for text in overrides:
+        keys, value = parse_override(text)
+        apply_override(user, keys, value, text)
+    composed = compose(user, default_execution=default_execution)
+    data = interpolate(composed, environ)
+    loaded = validate(data, user)
+    loaded.source = str(path)
+    return loaded
+
+
+def resolved_dict(loaded: LoadedConfig) -> dict[str, Any]:
+    """The resolved config as plain data, env values shown by source only."""
+    data = loaded.config.model_dump(mode="python")
+
+    def clean(node: Any) -> Any:
+        from evalprov.config.envvars import EnvVarSpec
+
+        if isinstance(node, EnvVarSpec):
+            return node.describe()
+        if isinstance(node, dict):
+            if "source" in node and "ref" in node and len(node) == 2:
+                return EnvVarSpec(node["source"], node["ref"]).describe()
+            return {k: clean(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [clean(v) for v in node]
+        return node
+
+    return clean(data)

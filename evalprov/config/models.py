@@ -1,0 +1,453 @@
+"""pydantic v2 models of a NEL-style config, as evalprov accepts it.
+
+Every model forbids unknown keys, so a typo is an error (with a "did you mean" added by the
+loader). Fields that NEL defines and evalprov does not act on yet are accepted and listed in
+``NOT_ACTED_ON`` so the loader can name them in a warning instead of dropping them silently.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from evalprov.config.envvars import EnvVarSpec, parse_env_value
+
+# Values that end up in argv, container names or paths: no whitespace, no leading dash.
+SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._:/@+=-]*$")
+HF_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+IMAGE_REF = re.compile(
+    r"^[a-z0-9]+([._-][a-z0-9]+)*(:[0-9]+)?(/[a-z0-9]+([._-]+[a-z0-9]+)*)*"
+    r"(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(@sha256:[a-f0-9]{64})?$"
+)
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+WALLTIME = re.compile(r"^(\d+-)?\d{1,3}:\d{2}:\d{2}$")
+
+# vllm serve options that evalprov sets from deployment fields; extra_args may not repeat them.
+PLANNED_OPTIONS = {
+    "--tensor-parallel-size": "deployment.tensor_parallel_size",
+    "-tp": "deployment.tensor_parallel_size",
+    "--pipeline-parallel-size": "deployment.pipeline_parallel_size",
+    "-pp": "deployment.pipeline_parallel_size",
+    "--data-parallel-size": "deployment.data_parallel_size",
+    "-dp": "deployment.data_parallel_size",
+    "--port": "deployment.port",
+    "--served-model-name": "deployment.served_model_name",
+    "--gpu-memory-utilization": "deployment.gpu_memory_utilization",
+    "--model": "deployment.checkpoint_path or deployment.hf_model_handle",
+}
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+def _env_map(value: dict[str, Any]) -> dict[str, EnvVarSpec]:
+    out = {}
+    for name, raw in (value or {}).items():
+        if not ENV_NAME.match(str(name)):
+            raise ValueError(
+                f"env var name {name!r} is not a valid variable name; use letters, digits and _"
+            )
+        try:
+            out[str(name)] = parse_env_value(raw)
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from None
+    return out
+
+
+EnvVars = Annotated[
+    dict[str, EnvVarSpec],
+    Field(
+        default_factory=dict,
+        description="NAME: value. Values: NAME or host:NAME (read NAME from the controller "
+        "environment at apply time), lit:VALUE (literal), runtime:NAME (resolved on the host).",
+    ),
+]
+
+
+class _EnvVarsMixin(Strict):
+    @field_validator("env_vars", mode="before", check_fields=False)
+    @classmethod
+    def _parse_env(cls, value: Any) -> dict[str, EnvVarSpec]:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ValueError("env_vars must be a mapping NAME: value")
+        return _env_map(value)
+
+
+# --------------------------------------------------------------------------- deployment
+
+
+class Endpoints(Strict):
+    chat: Annotated[str, Field(description="Chat completions path.")] = "/v1/chat/completions"
+    completions: Annotated[str, Field(description="Completions path.")] = "/v1/completions"
+    health: Annotated[str, Field(description="Health check path.")] = "/health"
+    embedding: Annotated[str, Field(description="Embeddings path.")] = "/v1/embeddings"
+    ranking: Annotated[str, Field(description="Ranking path.")] = "/v1/ranking"
+
+    @field_validator("*")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        if not value.startswith("/") or any(c.isspace() for c in value):
+            raise ValueError(f"endpoint path {value!r} must start with / and contain no spaces")
+        return value
+
+
+class VllmDeployment(_EnvVarsMixin):
+    type: Annotated[Literal["vllm"], Field(description="Deployment type.")]
+    image: Annotated[str, Field(description="vLLM container image.")] = "vllm/vllm-openai:latest"
+    checkpoint_path: Annotated[
+        str | None,
+        Field(description="Absolute path of the weights on the host (mounted read-only at "
+              "/checkpoint), or a HuggingFace id org/name."),
+    ] = None
+    hf_model_handle: Annotated[
+        str | None, Field(description="HuggingFace id org/name, served with the HF cache mounted.")
+    ] = None
+    served_model_name: Annotated[str, Field(description="Model name the endpoint serves.")]
+    port: Annotated[int, Field(ge=1, le=65535, description="Port of the first instance.")] = 8000
+    tensor_parallel_size: Annotated[int, Field(ge=1, le=1024, description="TP size.")] = 8
+    pipeline_parallel_size: Annotated[int, Field(ge=1, le=1024, description="PP size.")] = 1
+    data_parallel_size: Annotated[int, Field(ge=1, le=1024, description="vLLM DP size.")] = 1
+    gpu_memory_utilization: Annotated[
+        float, Field(gt=0, le=1, description="Fraction of GPU memory vLLM may use.")
+    ] = 0.95
+    extra_args: Annotated[
+        str, Field(description="Extra `vllm serve` arguments, split with shell rules.")
+    ] = ""
+    env_vars: EnvVars
+    endpoints: Annotated[Endpoints, Field(default_factory=Endpoints, description="API paths.")]
+    cache_path: Annotated[str | None, Field(description="NEL: cache dir mounted at /cache.")] = None
+    pre_cmd: Annotated[str, Field(description="NEL: shell run before serving.")] = ""
+    base_command: Annotated[
+        str | None, Field(description="NEL's command template; evalprov builds argv itself.")
+    ] = None
+    command: Annotated[str | None, Field(description="NEL's command; see base_command.")] = None
+
+    @field_validator("image")
+    @classmethod
+    def _image(cls, value: str) -> str:
+        if not IMAGE_REF.match(value):
+            raise ValueError(
+                f"{value!r} is not a container image reference; use e.g. vllm/vllm-openai:v0.11.0"
+            )
+        return value
+
+    @field_validator("served_model_name")
+    @classmethod
+    def _served(cls, value: str) -> str:
+        if not SAFE_NAME.match(value):
+            raise ValueError(
+                f"{value!r} may hold only letters, digits and ._:/@+=- and must not start "
+                "with - or ."
+            )
+        return value
+
+    @field_validator("checkpoint_path")
+    @classmethod
+    def _checkpoint(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if value.startswith("/"):
+            if any(c.isspace() or c in "\0," for c in value) or "/../" in value + "/":
+                raise ValueError(
+                    f"{value!r} must be an absolute path without spaces, commas or .."
+                )
+            return value
+        if HF_ID.match(value):
+            return value
+        raise ValueError(
+            f"{value!r} is neither an absolute path on the host nor a HuggingFace id org/name; "
+            "give /path/to/checkpoint or org/name"
+        )
+
+    @field_validator("hf_model_handle")
+    @classmethod
+    def _hf(cls, value: str | None) -> str | None:
+        if value is not None and not HF_ID.match(value):
+            raise ValueError(f"{value!r} is not a HuggingFace id; use org/name")
+        return value
+
+    @field_validator("extra_args")
+    @classmethod
+    def _extra(cls, value: str) -> str:
+        try:
+            tokens = shlex.split(value or "")
+        except ValueError as exc:
+            raise ValueError(f"{value!r} cannot be split with shell rules ({exc}); fix the quoting")
+        for tok in tokens:
+            if any(c in tok for c in "\0\n\r"):
+                raise ValueError(f"argument {tok!r} contains a control character; remove it")
+            opt = tok.split("=", 1)[0]
+            if opt in PLANNED_OPTIONS:
+                raise ValueError(
+                    f"{tok!r} is set by evalprov from {PLANNED_OPTIONS[opt]}; set that field "
+                    "instead of passing it in extra_args"
+                )
+        return value
+
+    @model_validator(mode="after")
+    def _model_source(self) -> VllmDeployment:
+        if not self.checkpoint_path and not self.hf_model_handle:
+            raise ValueError(
+                "deployment needs a model: set deployment.checkpoint_path (absolute path on the "
+                "host) or deployment.hf_model_handle (org/name)"
+            )
+        return self
+
+
+class NoneDeployment(Strict):
+    type: Annotated[Literal["none"], Field(description="No deployment: use target.api_endpoint.")]
+
+
+Deployment = Annotated[Union[VllmDeployment, NoneDeployment], Field(discriminator="type")]
+
+# --------------------------------------------------------------------------- execution
+
+
+class SlurmMounts(Strict):
+    deployment: dict[str, str] = Field(default_factory=dict, description="host: container mounts.")
+    evaluation: dict[str, str] = Field(default_factory=dict, description="host: container mounts.")
+    auxiliary: dict[str, dict[str, str]] = Field(default_factory=dict, description="Per aux.")
+    mount_home: bool = Field(default=True, description="Mount the home directory.")
+
+
+class _ExecutionCommon(_EnvVarsMixin):
+    output_dir: Annotated[str, Field(description="Where results land on the controller.")]
+    health_check_timeout: Annotated[
+        int | None,
+        Field(ge=1, description="Seconds to wait for /health (default: endpoint_readiness_timeout,"
+              " else 1800)."),
+    ] = None
+    endpoint_readiness_timeout: Annotated[
+        int | None, Field(ge=1, description="NEL's name for the health timeout, seconds.")
+    ] = None
+    instances_per_host: Annotated[
+        int | Literal["auto"],
+        Field(description="vLLM instances per host (consecutive ports, disjoint GPUs); auto "
+              "fills the host."),
+    ] = 1
+    placement: Annotated[
+        Literal["shard", "every_host"],
+        Field(description="shard: tasks spread over hosts; every_host: each host runs every task."),
+    ] = "shard"
+    eval_concurrency: Annotated[
+        int, Field(ge=1, le=64, description="Tasks run at once per host.")
+    ] = 1
+    runtime: Annotated[
+        Literal["docker", "process"],
+        Field(description="docker: the image; process: vllm serve from a venv."),
+    ] = "docker"
+    work_dir: Annotated[str, Field(description="evalprov's directory on each host.")] = (
+        "/var/lib/evalprov"
+    )
+    hf_cache_dir: Annotated[
+        str, Field(description="HF cache on each host, mounted for HF ids.")
+    ] = "/var/lib/evalprov/hf-cache"
+    mounts: Annotated[dict[str, Any], Field(description="NEL mounts.")] = Field(
+        default_factory=dict
+    )
+    env_vars: EnvVars
+    auto_export: Annotated[dict[str, Any] | None, Field(description="NEL auto export.")] = None
+
+    @field_validator("work_dir", "hf_cache_dir")
+    @classmethod
+    def _abs(cls, value: str) -> str:
+        if not value.startswith("/") or any(c.isspace() for c in value):
+            raise ValueError(f"{value!r} must be an absolute path without spaces")
+        return value
+
+    @property
+    def health_timeout(self) -> int:
+        return self.health_check_timeout or self.endpoint_readiness_timeout or 1800
+
+
+class BaremetalExecution(_ExecutionCommon):
+    type: Annotated[Literal["baremetal"], Field(description="SSH to inventory hosts.")]
+
+
+class LocalExecution(_ExecutionCommon):
+    type: Annotated[Literal["local"], Field(description="This machine (connection: local).")]
+    extra_docker_args: Annotated[str, Field(description="NEL: extra docker run args.")] = ""
+    mode: Annotated[Literal["sequential", "parallel"], Field(description="NEL run mode.")] = (
+        "sequential"
+    )
+
+
+class SlurmExecution(_ExecutionCommon):
+    type: Annotated[Literal["slurm"], Field(description="Submit to a Slurm cluster.")]
+    hostname: Annotated[str, Field(description="Slurm head node reached over SSH.")]
+    username: Annotated[str | None, Field(description="SSH user on the head node.")] = None
+    account: Annotated[str, Field(description="Slurm account.")]
+    partition: Annotated[str, Field(description="Slurm partition.")] = "batch"
+    cpu_partition: Annotated[str | None, Field(description="CPU partition for exports.")] = None
+    num_nodes: Annotated[int, Field(ge=1, description="Nodes in all.")] = 1
+    num_instances: Annotated[int, Field(ge=1, description="Independent deployments.")] = 1
+    ntasks_per_node: Annotated[int, Field(ge=1, description="Tasks per node.")] = 1
+    gres: Annotated[str, Field(description="GRES per node, e.g. gpu:8.")] = "gpu:8"
+    walltime: Annotated[str, Field(description="Job time limit HH:MM:SS.")] = "01:00:00"
+    max_walltime: Annotated[str | None, Field(description="Limit across resumes.")] = "120:00:00"
+    subproject: Annotated[str, Field(description="Job name prefix.")] = "nemo-evaluator-launcher"
+    sbatch_comment: Annotated[str | None, Field(description="#SBATCH --comment.")] = None
+    sbatch_extra_flags: Annotated[dict[str, Any], Field(description="Extra #SBATCH flags.")] = (
+        Field(default_factory=dict)
+    )
+    deployment: Annotated[dict[str, Any], Field(description="Deployment srun settings.")] = Field(
+        default_factory=dict
+    )
+    mounts: Annotated[SlurmMounts, Field(description="Container mounts.")] = Field(
+        default_factory=SlurmMounts
+    )
+    proxy: Annotated[dict[str, Any] | None, Field(description="Proxy before instances.")] = None
+
+    @field_validator("walltime", "max_walltime", mode="before")
+    @classmethod
+    def _walltime(cls, value: Any) -> Any:
+        # YAML 1.1 reads an unquoted 10:00:00 as the sexagesimal integer 36000.
+        if isinstance(value, int) and not isinstance(value, bool):
+            h, rest = divmod(value, 3600)
+            m, s = divmod(rest, 60)
+            return f"{h:02d}:{m:02d}:{s:02d}"
+        if isinstance(value, str) and not WALLTIME.match(value):
+            raise ValueError(f"{value!r} is not a Slurm time; use HH:MM:SS, e.g. 02:00:00")
+        return value
+
+    @field_validator("gres")
+    @classmethod
+    def _gres(cls, value: str) -> str:
+        if not re.match(r"^gpu(:[A-Za-z0-9_-]+)?:\d+$", value):
+            raise ValueError(f"{value!r} is not a GPU gres; use gpu:N, e.g. gpu:8")
+        return value
+
+    @property
+    def gpus_per_node(self) -> int:
+        return int(self.gres.rsplit(":", 1)[1])
+
+
+Execution = Annotated[
+    Union[BaremetalExecution, LocalExecution, SlurmExecution], Field(discriminator="type")
+]
+
+# --------------------------------------------------------------------------- evaluation
+
+
+class Task(_EnvVarsMixin):
+    name: Annotated[str, Field(description="Task name, bare or harness-qualified.")]
+    container: Annotated[str | None, Field(description="Evaluation image override.")] = None
+    endpoint_type: Annotated[
+        Literal["chat", "completions", "embedding", "ranking", "vlm"] | None,
+        Field(description="Endpoint the task calls (default from the task table)."),
+    ] = None
+    env_vars: EnvVars
+    nemo_evaluator_config: Annotated[
+        dict[str, Any], Field(description="Harness config merged over evaluation's.")
+    ] = Field(default_factory=dict)
+    dataset_dir: Annotated[str | None, Field(description="Host dir with the dataset.")] = None
+    dataset_mount_path: Annotated[str, Field(description="Where dataset_dir is mounted.")] = (
+        "/datasets"
+    )
+    pre_cmd: Annotated[str, Field(description="Shell run before the task.")] = ""
+    post_cmd: Annotated[str, Field(description="Shell run after the task.")] = ""
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not SAFE_NAME.match(value):
+            raise ValueError(f"{value!r} is not a task name; use e.g. ifeval or simple_evals.mmlu")
+        return value
+
+    @field_validator("container")
+    @classmethod
+    def _container(cls, value: str | None) -> str | None:
+        if value is not None and not IMAGE_REF.match(value):
+            raise ValueError(f"{value!r} is not a container image reference")
+        return value
+
+
+class Evaluation(_EnvVarsMixin):
+    tasks: Annotated[list[Task], Field(description="Tasks to run against the deployment.")] = (
+        Field(default_factory=list)
+    )
+    nemo_evaluator_config: Annotated[
+        dict[str, Any], Field(description="Harness config for every task.")
+    ] = Field(default_factory=dict)
+    env_vars: EnvVars
+    pre_cmd: Annotated[str, Field(description="Shell run before each task.")] = ""
+    post_cmd: Annotated[str, Field(description="Shell run after each task.")] = ""
+
+    @model_validator(mode="after")
+    def _unique(self) -> Evaluation:
+        seen = set()
+        for task in self.tasks:
+            if task.name in seen:
+                raise ValueError(
+                    f"task {task.name!r} is listed twice; remove one (each task runs once)"
+                )
+            seen.add(task.name)
+        return self
+
+
+class ApiEndpoint(Strict):
+    url: Annotated[str | None, Field(description="Endpoint URL (deployment: none).")] = None
+    model_id: Annotated[str | None, Field(description="Model id to request.")] = None
+    api_key_name: Annotated[str | None, Field(description="Env var holding the API key.")] = None
+    type: Annotated[str | None, Field(description="Endpoint type.")] = None
+    stream: Annotated[bool | None, Field(description="Stream responses.")] = None
+
+
+class Target(Strict):
+    api_endpoint: Annotated[ApiEndpoint, Field(description="Existing endpoint.")] = Field(
+        default_factory=ApiEndpoint
+    )
+
+
+class Config(_EnvVarsMixin):
+    defaults: Annotated[list[Any], Field(description="The defaults list, as composed.")] = Field(
+        default_factory=list
+    )
+    execution: Execution
+    deployment: Deployment
+    evaluation: Annotated[Evaluation, Field(description="What to evaluate.")] = Field(
+        default_factory=Evaluation
+    )
+    target: Annotated[Target, Field(description="Existing endpoint (deployment none).")] = Field(
+        default_factory=Target
+    )
+    env_vars: EnvVars
+    auxiliary_deployments: Annotated[
+        dict[str, Any], Field(description="NEL auxiliary deployments (e.g. judges).")
+    ] = Field(default_factory=dict)
+    export: Annotated[dict[str, Any] | None, Field(description="NEL exporters.")] = None
+
+    @model_validator(mode="after")
+    def _target_for_none(self) -> Config:
+        if isinstance(self.deployment, NoneDeployment):
+            ep = self.target.api_endpoint
+            if not ep.url or not ep.model_id:
+                raise ValueError(
+                    "deployment none evaluates an existing endpoint: set target.api_endpoint.url "
+                    "and target.api_endpoint.model_id"
+                )
+        return self
+
+
+# Fields accepted for NEL compatibility but not acted on yet: (dotted path, "empty" value).
+NOT_ACTED_ON: list[tuple[str, Any]] = [
+    ("execution.mounts", {}),
+    ("execution.env_vars", {}),
+    ("execution.auto_export", None),
+    ("execution.extra_docker_args", ""),
+    ("auxiliary_deployments", {}),
+    ("export", None),
+    ("deployment.cache_path", None),
+    ("deployment.pre_cmd", ""),
+    ("deployment.base_command", None),
+    ("deployment.command", None),
+    ("target.api_endpoint.api_key_name", None),
+    ("evaluation.pre_cmd", ""),
+    ("evaluation.post_cmd", ""),
+]

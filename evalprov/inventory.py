@@ -1,0 +1,65 @@
+"""Plan -> Ansible inventory variables: what `evalprov inventory` prints and what the roles
+consume unchanged. Each variable carries the prefix of the role that reads it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from evalprov.plan import Instance, Plan, TaskRun
+
+
+def instance_vars(inst: Instance) -> dict[str, Any]:
+    return {
+        "name": inst.name,
+        "index": inst.index,
+        "port": inst.port,
+        "gpus": list(inst.gpus),
+        "argv": list(inst.argv),
+        "image": inst.image,
+        "model": {"kind": inst.model.kind, "ref": inst.model.ref},
+        "mounts": [
+            {"source": m.source, "target": m.target, "read_only": m.read_only}
+            for m in inst.mounts
+        ],
+        "env_names": list(inst.env_names),
+        "spec_hash": inst.spec_hash,
+    }
+
+
+def task_vars(run: TaskRun) -> dict[str, Any]:
+    return {
+        "name": run.name,
+        "task": run.task,
+        "harness": run.harness,
+        "container": run.container,
+        "endpoint_type": run.endpoint_type,
+        "instance": run.instance,
+        "url": run.url,
+        "env_names": list(run.env_names),
+    }
+
+
+def render(plan: Plan) -> dict[str, Any]:
+    """The inventory as a dict (YAML inventory format): group vars under all.vars, per-host
+    plan under all.hosts. Connection variables stay in the user's own inventory."""
+    images = sorted({i.image for i in plan.instances})
+    common: dict[str, Any] = {
+        "evalprov_runtime": plan.runtime,
+        "evalprov_image_name": images[0] if images else None,
+        "evalprov_health_path": plan.health_path,
+        "evalprov_health_timeout": plan.health_timeout,
+        "evalprov_health_served_model_name": plan.served_model_name,
+    }
+    hosts: dict[str, Any] = {}
+    for hp in plan.hosts:
+        checkpoints = sorted({i.model.ref for i in hp.instances if i.model.kind == "checkpoint"})
+        hosts[hp.host] = {
+            "evalprov_vllm_instances": [instance_vars(i) for i in hp.instances],
+            "evalprov_preflight_gpus_required": (
+                max((g for i in hp.instances for g in i.gpus), default=-1) + 1
+            ),
+            "evalprov_preflight_ports": [i.port for i in hp.instances],
+            "evalprov_preflight_checkpoints": checkpoints,
+            "evalprov_eval_tasks": [task_vars(t) for t in hp.tasks],
+        }
+    return {"all": {"vars": common, "hosts": hosts}}

@@ -1,0 +1,357 @@
+"""The planner: Config + host facts -> Plan. Pure functions, no I/O.
+
+Every decision is made here and handed to Ansible as variables: which GPUs, which port, the
+container name, the exact `vllm serve` argv (a list, never a shell string), which host runs
+which task, and a content hash of each instance's spec for idempotence.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shlex
+from dataclasses import dataclass, field
+
+from evalprov.config.models import (
+    Config,
+    NoneDeployment,
+    SlurmExecution,
+    Task,
+    VllmDeployment,
+)
+from evalprov.config.tasks import TaskInfo, task_table
+from evalprov.errors import PlanError
+
+CHECKPOINT_MOUNT = "/checkpoint"
+HF_CACHE_MOUNT = "/root/.cache/huggingface"
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    """What the planner knows of a host: its name and GPU count (None: not known yet;
+    the preflight of `apply` measures it and the plan is checked again)."""
+
+    name: str
+    gpus: int | None = None
+
+
+@dataclass(frozen=True)
+class Mount:
+    source: str
+    target: str
+    read_only: bool
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    kind: str  # "checkpoint" (a host directory, mounted) or "hf" (an id, HF cache mounted)
+    ref: str  # the host path or the HF id
+    serve_as: str  # what `vllm serve` is given
+
+
+@dataclass(frozen=True)
+class Instance:
+    host: str
+    index: int
+    name: str
+    port: int
+    gpus: tuple[int, ...]
+    argv: tuple[str, ...]
+    image: str
+    model: ModelSource
+    mounts: tuple[Mount, ...]
+    env_names: tuple[str, ...]
+    spec_hash: str
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@dataclass(frozen=True)
+class TaskRun:
+    name: str  # as written in the config
+    task: str  # the harness's task name
+    harness: str
+    container: str
+    endpoint_type: str
+    host: str
+    instance: str | None  # instance name, None for deployment: none
+    url: str  # the endpoint the harness calls
+    env_names: tuple[str, ...]
+
+    @property
+    def id(self) -> str:
+        return f"{self.harness}.{self.task}"
+
+
+@dataclass(frozen=True)
+class HostPlan:
+    host: str
+    gpus_total: int | None
+    instances: tuple[Instance, ...]
+    tasks: tuple[TaskRun, ...]
+
+
+@dataclass(frozen=True)
+class Plan:
+    execution: str
+    deployment: str
+    runtime: str
+    served_model_name: str | None
+    gpus_per_instance: int
+    health_path: str
+    health_timeout: int
+    hosts: tuple[HostPlan, ...]
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def instances(self) -> list[Instance]:
+        return [i for h in self.hosts for i in h.instances]
+
+    @property
+    def task_runs(self) -> list[TaskRun]:
+        return [t for h in self.hosts for t in h.tasks]
+
+
+# --------------------------------------------------------------------------- pieces
+
+
+def gpus_per_instance(dep: VllmDeployment) -> int:
+    return dep.tensor_parallel_size * dep.pipeline_parallel_size * dep.data_parallel_size
+
+
+def model_source(dep: VllmDeployment) -> ModelSource:
+    """An absolute checkpoint_path is mounted; an org/name in either field is an HF id.
+    (The models already rejected anything else.)"""
+    if dep.hf_model_handle:
+        return ModelSource("hf", dep.hf_model_handle, dep.hf_model_handle)
+    path = dep.checkpoint_path or ""
+    if path.startswith("/"):
+        return ModelSource("checkpoint", path, CHECKPOINT_MOUNT)
+    return ModelSource("hf", path, path)
+
+
+def vllm_argv(dep: VllmDeployment, model: ModelSource, port: int) -> tuple[str, ...]:
+    """NEL's base_command as a list: extra_args split with shell rules, never re-joined."""
+    return (
+        "vllm",
+        "serve",
+        model.serve_as,
+        f"--tensor-parallel-size={dep.tensor_parallel_size}",
+        f"--pipeline-parallel-size={dep.pipeline_parallel_size}",
+        f"--data-parallel-size={dep.data_parallel_size}",
+        "--port",
+        str(port),
+        "--trust-remote-code",
+        "--served-model-name",
+        dep.served_model_name,
+        "--gpu-memory-utilization",
+        str(dep.gpu_memory_utilization),
+        *shlex.split(dep.extra_args),
+    )
+
+
+def mounts_for(model: ModelSource, hf_cache_dir: str) -> tuple[Mount, ...]:
+    if model.kind == "checkpoint":
+        return (Mount(model.ref, CHECKPOINT_MOUNT, True),)
+    return (Mount(hf_cache_dir, HF_CACHE_MOUNT, False),)
+
+
+def spec_hash(**spec: object) -> str:
+    blob = json.dumps(spec, sort_keys=True, default=list, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def instances_per_host(config: Config, gpus: int | None, need: int) -> int:
+    wanted = config.execution.instances_per_host
+    if wanted == "auto":
+        return max(1, (gpus or need) // need)
+    return wanted
+
+
+def check_host_fits(host: HostFacts, need: int, count: int, dep: VllmDeployment) -> None:
+    if host.gpus is None or host.gpus >= need * count:
+        return
+    per = (
+        f"tensor_parallel_size {dep.tensor_parallel_size} x pipeline_parallel_size "
+        f"{dep.pipeline_parallel_size} x data_parallel_size {dep.data_parallel_size}"
+    )
+    if count > 1:
+        raise PlanError(
+            f"host {host.name}: has {host.gpus} GPUs but {count} instances of {need} GPUs "
+            f"({per}) need {need * count}; lower execution.instances_per_host or use auto"
+        )
+    raise PlanError(
+        f"host {host.name}: has {host.gpus} GPUs but one instance needs {need} ({per}); "
+        f"lower the parallel sizes to fit {host.gpus} GPUs or drop the host from the inventory"
+    )
+
+
+def container_name(index: int) -> str:
+    return f"evalprov-vllm-{index}"
+
+
+def _env_names(*maps: dict) -> tuple[str, ...]:
+    names: dict[str, None] = {}
+    for m in maps:
+        names.update(dict.fromkeys(m))
+    return tuple(sorted(names))
+
+
+def plan_instances(config: Config, host: HostFacts) -> tuple[Instance, ...]:
+    dep = config.deployment
+    assert isinstance(dep, VllmDeployment)
+    need = gpus_per_instance(dep)
+    count = instances_per_host(config, host.gpus, need)
+    check_host_fits(host, need, count, dep)
+    model = model_source(dep)
+    mounts = mounts_for(model, config.execution.hf_cache_dir)
+    env_names = _env_names(config.env_vars, dep.env_vars)
+    out = []
+    for i in range(count):
+        port = dep.port + i
+        if port > 65535:
+            raise PlanError(
+                f"host {host.name}: instance {i} would use port {port}; lower deployment.port "
+                "or execution.instances_per_host"
+            )
+        gpus = tuple(range(i * need, (i + 1) * need))
+        argv = vllm_argv(dep, model, port)
+        name = container_name(i)
+        digest = spec_hash(
+            image=dep.image,
+            argv=argv,
+            env=env_names,
+            mounts=[(m.source, m.target, m.read_only) for m in mounts],
+            gpus=gpus,
+            runtime=config.execution.runtime,
+        )
+        out.append(
+            Instance(host.name, i, name, port, gpus, argv, dep.image, model, mounts,
+                     env_names, digest)
+        )
+    return tuple(out)
+
+
+def resolve_tasks(config: Config) -> list[tuple[Task, TaskInfo]]:
+    table = task_table()
+    return [
+        (t, table.resolve(t.name, t.container, f"evaluation.tasks.{i}.name"))
+        for i, t in enumerate(config.evaluation.tasks)
+    ]
+
+
+def endpoint_type(task: Task, info: TaskInfo) -> str:
+    return task.endpoint_type or (info.endpoint_types[0] if info.endpoint_types else "chat")
+
+
+def _task_run(config: Config, task: Task, info: TaskInfo, host: str,
+              inst: Instance | None) -> TaskRun:
+    etype = endpoint_type(task, info)
+    if inst is None:
+        url = config.target.api_endpoint.url or ""
+    else:
+        dep = config.deployment
+        assert isinstance(dep, VllmDeployment)
+        path = dep.endpoints.chat if etype == "chat" else getattr(
+            dep.endpoints, etype, dep.endpoints.completions)
+        url = inst.base_url + path
+    env = _env_names(config.env_vars, config.evaluation.env_vars, task.env_vars)
+    return TaskRun(task.name, info.name, info.harness, task.container or info.container, etype,
+                   host, inst.name if inst else None, url, env)
+
+
+def assign_tasks(config: Config, hosts: list[HostFacts],
+                 instances: dict[str, tuple[Instance, ...]]) -> dict[str, list[TaskRun]]:
+    """shard: task k goes to host k mod H (and within a host round-robin over its
+    instances); every_host: each host runs every task."""
+    tasks = resolve_tasks(config)
+    out: dict[str, list[TaskRun]] = {h.name: [] for h in hosts}
+    if not hosts:
+        return out
+    if config.execution.placement == "every_host":
+        for h in hosts:
+            insts = instances.get(h.name) or (None,)
+            for k, (task, info) in enumerate(tasks):
+                out[h.name].append(_task_run(config, task, info, h.name, insts[k % len(insts)]))
+        return out
+    per_host_count = {h.name: 0 for h in hosts}
+    for k, (task, info) in enumerate(tasks):
+        h = hosts[k % len(hosts)]
+        insts = instances.get(h.name) or (None,)
+        inst = insts[per_host_count[h.name] % len(insts)]
+        per_host_count[h.name] += 1
+        out[h.name].append(_task_run(config, task, info, h.name, inst))
+    return out
+
+
+def slurm_hosts(execution: SlurmExecution) -> list[HostFacts]:
+    """A Slurm run plans against its allocation: one node per instance, gres GPUs each."""
+    return [
+        HostFacts(f"{execution.hostname}/instance-{i}", execution.gpus_per_node)
+        for i in range(execution.num_instances)
+    ]
+
+
+def check_unique_hosts(hosts: list[HostFacts]) -> None:
+    seen: set[str] = set()
+    for h in hosts:
+        if h.name in seen:
+            raise PlanError(f"inventory: host {h.name} is listed twice; list each host once")
+        if not re.match(r"^[A-Za-z0-9_.:/@-]+$", h.name):
+            raise PlanError(f"inventory: host name {h.name!r} has characters evalprov does not "
+                            "accept; use letters, digits and ._:-")
+        seen.add(h.name)
+
+
+def plan(config: Config, hosts: list[HostFacts]) -> Plan:
+    """The whole plan. ``hosts`` is ignored for slurm execution (the allocation is planned)."""
+    if isinstance(config.execution, SlurmExecution):
+        hosts = slurm_hosts(config.execution)
+    if not hosts:
+        raise PlanError("inventory: no hosts to plan for; give -i INVENTORY with at least one "
+                        "host (or use execution: local)")
+    check_unique_hosts(hosts)
+    dep = config.deployment
+    notes = []
+    instances: dict[str, tuple[Instance, ...]] = {}
+    if isinstance(dep, VllmDeployment):
+        need = gpus_per_instance(dep)
+        errors = []
+        for h in hosts:
+            try:
+                instances[h.name] = plan_instances(config, h)
+            except PlanError as exc:
+                errors.extend(exc.lines)
+        if errors:
+            raise PlanError(*errors)
+        if any(h.gpus is None for h in hosts):
+            notes.append("GPU counts not given for some hosts: GPU fit is checked by the "
+                         "preflight of `evalprov apply` (or pass --gpus N / --facts FILE)")
+    else:
+        need = 0
+    assigned = assign_tasks(config, hosts, instances)
+    idle = [h.name for h in hosts if not assigned[h.name]]
+    if idle and config.evaluation.tasks:
+        notes.append(f"{len(idle)} host(s) get no task under placement shard "
+                     f"({len(config.evaluation.tasks)} task(s) for {len(hosts)} hosts)")
+    host_plans = tuple(
+        HostPlan(h.name, h.gpus, instances.get(h.name, ()), tuple(assigned[h.name]))
+        for h in hosts
+    )
+    return Plan(
+        execution=config.execution.type,
+        deployment=dep.type,
+        runtime=config.execution.runtime,
+        served_model_name=dep.served_model_name if isinstance(dep, VllmDeployment) else None,
+        gpus_per_instance=need,
+        health_path=dep.endpoints.health if isinstance(dep, VllmDeployment) else "/health",
+        health_timeout=config.execution.health_timeout,
+        hosts=host_plans,
+        notes=tuple(notes),
+    )
+
+
+__all__ = ["HostFacts", "Instance", "NoneDeployment", "Plan", "TaskRun", "plan"]

@@ -1,0 +1,80 @@
+"""How a plan and the task table look to a person (text) and to a program (YAML/JSON)."""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import asdict
+from typing import Any
+
+from evalprov.config.tasks import TaskTable
+from evalprov.plan import Plan
+
+
+def _gpus(gpus: tuple[int, ...]) -> str:
+    if not gpus:
+        return "none"
+    if list(gpus) == list(range(gpus[0], gpus[-1] + 1)) and len(gpus) > 2:
+        return f"{gpus[0]}-{gpus[-1]}"
+    return ",".join(map(str, gpus))
+
+
+def plan_text(plan: Plan) -> str:
+    lines = [
+        f"execution: {plan.execution}   deployment: {plan.deployment}   runtime: {plan.runtime}"
+    ]
+    if plan.deployment == "vllm":
+        lines.append(
+            f"model: {plan.served_model_name}   GPUs per instance: {plan.gpus_per_instance}   "
+            f"health: {plan.health_path} (timeout {plan.health_timeout}s)"
+        )
+    total_i = len(plan.instances)
+    lines.append(f"{len(plan.hosts)} host(s), {total_i} instance(s), "
+                 f"{len(plan.task_runs)} task run(s)")
+    for hp in plan.hosts:
+        gpus = "GPUs unknown until preflight" if hp.gpus_total is None else f"{hp.gpus_total} GPUs"
+        lines.append("")
+        lines.append(f"host {hp.host} ({gpus})")
+        for inst in hp.instances:
+            lines.append(f"  instance {inst.name}  port {inst.port}  GPUs {_gpus(inst.gpus)}  "
+                         f"spec {inst.spec_hash}")
+            lines.append(f"    image: {inst.image}")
+            if inst.model.kind == "checkpoint":
+                src = f"checkpoint {inst.model.ref} mounted read-only at {inst.model.serve_as}"
+            else:
+                cache = next((m for m in inst.mounts if not m.read_only), None)
+                src = f"HF id {inst.model.ref}" + (
+                    f" (HF cache {cache.source} mounted at {cache.target})" if cache else "")
+            lines.append(f"    model: {src}")
+            lines.append(f"    argv: {shlex.join(inst.argv)}")
+            if inst.env_names:
+                lines.append(f"    env: {', '.join(inst.env_names)}")
+        if not hp.tasks:
+            lines.append("  tasks: none")
+        for t in hp.tasks:
+            env = f"  env: {', '.join(t.env_names)}" if t.env_names else ""
+            lines.append(f"  task {t.name} ({t.harness}, {t.endpoint_type}) -> {t.url}  "
+                         f"image {t.container}{env}")
+    for note in plan.notes:
+        lines.append(f"note: {note}")
+    return "\n".join(lines)
+
+
+def plan_data(plan: Plan) -> dict[str, Any]:
+    data = asdict(plan)
+    return data
+
+
+def tasks_text(table: TaskTable, harness: str | None = None) -> str:
+    rows = [t for t in table.tasks if harness is None or t.harness == harness]
+    primary = {}
+    for t in table.tasks:
+        primary.setdefault(t.name, t.harness)
+    width = max((len(t.name) for t in rows), default=4)
+    hw = max((len(t.harness) for t in rows), default=7)
+    out = [f"{'task':<{width}}  {'harness':<{hw}}  {'endpoint':<11}  container"]
+    for t in rows:
+        mark = "" if primary[t.name] == t.harness else f"  (use {t.qualified})"
+        out.append(f"{t.name:<{width}}  {t.harness:<{hw}}  {','.join(t.endpoint_types):<11}  "
+                   f"{t.container}{mark}")
+    out.append(f"{len(rows)} tasks; a bare name runs on the first harness listed for it")
+    return "\n".join(out)
