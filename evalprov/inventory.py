@@ -21,6 +21,9 @@ def instance_vars(inst: Instance) -> dict[str, Any]:
             {"source": m.source, "target": m.target, "read_only": m.read_only}
             for m in inst.mounts
         ],
+        # the same mounts and GPUs in the forms docker_container takes
+        "volumes": [f"{m.source}:{m.target}:{'ro' if m.read_only else 'rw'}" for m in inst.mounts],
+        "device_ids": [str(g) for g in inst.gpus],
         "env_names": list(inst.env_names),
         "spec_hash": inst.spec_hash,
     }
@@ -60,6 +63,9 @@ def render(plan: Plan) -> dict[str, Any]:
             ),
             "evalprov_preflight_ports": [i.port for i in hp.instances],
             "evalprov_preflight_checkpoints": checkpoints,
+            "evalprov_preflight_disk_paths": sorted(
+                {m.source for i in hp.instances for m in i.mounts if not m.read_only}
+            ),
             "evalprov_eval_tasks": [task_vars(t) for t in hp.tasks],
         }
     return {"all": {"vars": common, "hosts": hosts}}

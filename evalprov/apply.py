@@ -1,0 +1,129 @@
+"""`evalprov apply` and `evalprov destroy`: plan, render, run the playbook, summarise."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from evalprov.config.envvars import resolve_env
+from evalprov.config.loader import LoadedConfig
+from evalprov.config.models import SlurmExecution, VllmDeployment
+from evalprov.errors import ConfigError, Exit
+from evalprov.inventory import render
+from evalprov.plan import Plan
+from evalprov.runner import RunResult, run_playbook
+
+SECRET_ENV = "EVALPROV_DEPLOYMENT_ENV"  # noqa: S105 - a variable name, not a value
+
+
+@dataclass
+class Options:
+    inventory: str | None
+    check: bool = False
+    diff: bool = False
+    limit: str | None = None
+    tags: str | None = None
+    forks: int | None = None
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
+
+
+def check_supported(loaded: LoadedConfig) -> None:
+    config = loaded.config
+    if isinstance(config.execution, SlurmExecution):
+        raise ConfigError(
+            "execution.type: 'slurm' can be validated and planned, but apply does not run on "
+            "Slurm yet; use execution baremetal (-i INVENTORY) or local"
+        )
+    if config.execution.runtime != "docker":
+        raise ConfigError(
+            f"execution.runtime: {config.execution.runtime!r} is not supported by apply yet; "
+            "use docker"
+        )
+
+
+def deployment_env(loaded: LoadedConfig) -> dict[str, str]:
+    """Values for the server containers, read from the controller now (names in the plan)."""
+    config = loaded.config
+    specs = dict(config.env_vars)
+    if isinstance(config.deployment, VllmDeployment):
+        specs.update(config.deployment.env_vars)
+    specs = {k: v for k, v in specs.items() if v.source != "runtime"}
+    return resolve_env(specs, "deployment.env_vars")
+
+
+def local_inventory(run_dir: Path) -> str:
+    path = run_dir / "ansible" / "inventory" / "00-local.yml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        "all:\n  hosts:\n    localhost:\n      ansible_connection: local\n"
+        f"      ansible_python_interpreter: {sys.executable}\n"
+    )
+    return str(path)
+
+
+def output_root(loaded: LoadedConfig) -> Path:
+    return Path(loaded.config.execution.output_dir).expanduser().resolve()
+
+
+def run(loaded: LoadedConfig, plan: Plan, opts: Options, playbook: str) -> tuple[RunResult, Path]:
+    check_supported(loaded)
+    secret = deployment_env(loaded)
+    run_dir = output_root(loaded) / new_run_id()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    inventories = [opts.inventory] if opts.inventory else [local_inventory(run_dir)]
+    logs = run_dir / "logs"
+    result = run_playbook(
+        playbook,
+        run_dir,
+        [str(Path(i).resolve()) for i in inventories],
+        render(plan),
+        {"evalprov_health_log_dir": str(logs)},
+        check=opts.check,
+        diff=opts.diff,
+        limit=opts.limit,
+        tags=opts.tags,
+        forks=opts.forks,
+        secret_env={SECRET_ENV: json.dumps(secret)} if secret else None,
+    )
+    if result.facts:
+        facts = run_dir / "facts.json"
+        facts.write_text(json.dumps(result.facts, indent=2, sort_keys=True))
+    return result, run_dir
+
+
+def summary(result: RunResult, check: bool) -> tuple[str, int]:
+    rows = [f"{'host':<24} {'ok':>4} {'changed':>8} {'failed':>7} {'unreach':>8} "
+            f"{'skipped':>8}  status"]
+    for host in sorted(result.hosts):
+        r = result.hosts[host]
+        bad = r.failed or r.unreachable
+        status = "FAILED" if bad else ("would change" if check and r.changed else
+                                       "changed" if r.changed else "ok")
+        rows.append(f"{host:<24} {r.ok:>4} {r.changed:>8} {r.failed:>7} {r.unreachable:>8} "
+                    f"{r.skipped:>8}  {status}")
+    failed = result.failed_hosts
+    if check:
+        for host in sorted(result.hosts):
+            for item in result.hosts[host].would_change:
+                rows.append(f"would change on {host}: {item}")
+    if failed:
+        for host in failed:
+            for err in result.hosts[host].errors[:3]:
+                rows.append(f"error: {host}: {err}")
+        code = Exit.FAILED
+    elif result.status != "successful":
+        rows.append(f"error: ansible run ended {result.status} (rc {result.rc}); see "
+                    f"{result.private_data_dir}/artifacts")
+        code = Exit.FAILED
+    else:
+        code = Exit.OK
+    rows.append(f"{len(result.hosts)} host(s) in {result.seconds:.1f}s; ansible artifacts: "
+                f"{result.private_data_dir}")
+    return "\n".join(rows), int(code)

@@ -1,0 +1,219 @@
+"""ansible-runner: a 0700 private data dir per run, the plan as inventory variables, live
+progress per host from runner events, and per-host results from runner stats.
+
+Secrets never go through ansible-runner's envvars/extravars (it writes those to files): they
+reach the playbook through this process's environment, read with lookup('env') under no_log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+PLAYBOOKS = Path(os.environ.get("EVALPROV_PLAYBOOKS_DIR", ROOT / "playbooks"))
+ROLES = Path(os.environ.get("EVALPROV_ROLES_DIR", ROOT / "roles"))
+
+RESULT_EVENTS = {
+    "runner_on_ok": "ok",
+    "runner_on_failed": "failed",
+    "runner_on_unreachable": "unreachable",
+    "runner_item_on_failed": None,  # the task-level failure follows
+}
+
+
+@dataclass
+class HostResult:
+    ok: int = 0
+    changed: int = 0
+    failed: int = 0
+    unreachable: int = 0
+    skipped: int = 0
+    errors: list[str] = field(default_factory=list)
+    would_change: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RunResult:
+    status: str
+    rc: int
+    hosts: dict[str, HostResult]
+    facts: dict[str, Any]
+    seconds: float
+    private_data_dir: Path
+
+    @property
+    def failed_hosts(self) -> list[str]:
+        return [h for h, r in self.hosts.items() if r.failed or r.unreachable or r.errors]
+
+
+def _private_dir(run_dir: Path) -> Path:
+    pdd = run_dir / "ansible"
+    (pdd / "inventory").mkdir(parents=True, exist_ok=True)
+    for p in (run_dir, pdd):
+        os.chmod(p, 0o700)
+    return pdd
+
+
+def ansible_env(pdd: Path, forks: int | None) -> dict[str, str]:
+    """Non-secret Ansible settings: pipelining and SSH connection reuse on by default."""
+    env = {
+        "ANSIBLE_ROLES_PATH": str(ROLES),
+        "ANSIBLE_PIPELINING": "True",
+        "ANSIBLE_SSH_ARGS": "-o ControlMaster=auto -o ControlPersist=120s",
+        "ANSIBLE_GATHERING": "explicit",
+        "ANSIBLE_RETRY_FILES_ENABLED": "False",
+        "ANSIBLE_LOCAL_TEMP": str(pdd / "tmp"),
+        "ANSIBLE_NOCOLOR": "True",
+        "ANSIBLE_DEPRECATION_WARNINGS": "False",
+        "ANSIBLE_PYTHON_INTERPRETER": "auto_silent",
+    }
+    if forks:
+        env["ANSIBLE_FORKS"] = str(forks)
+    return env
+
+
+class Progress:
+    """Turns runner events into one line per host per task (skips are counted, not shown)."""
+
+    def __init__(self, out=None, check: bool = False, diff: bool = False) -> None:
+        self.out = out or sys.stderr
+        self.check = check
+        self.diff = diff
+        self.hosts: dict[str, HostResult] = {}
+        self.facts: dict[str, Any] = {}
+        self.start = time.monotonic()
+
+    def _host(self, name: str) -> HostResult:
+        return self.hosts.setdefault(name, HostResult())
+
+    def __call__(self, event: dict[str, Any]) -> bool:
+        kind = event.get("event", "")
+        data = event.get("event_data") or {}
+        host = data.get("host")
+        if not host or kind not in ("runner_on_ok", "runner_on_failed", "runner_on_unreachable",
+                                    "runner_on_skipped"):
+            return True
+        task = data.get("task", "")
+        res = data.get("res") or {}
+        hr = self._host(host)
+        t = f"{time.monotonic() - self.start:6.1f}s"
+        if kind == "runner_on_skipped":
+            hr.skipped += 1
+            return True
+        if kind == "runner_on_unreachable":
+            hr.unreachable += 1
+            msg = str(res.get("msg", "unreachable")).strip().splitlines()[0][:200]
+            hr.errors.append(f"unreachable: {msg}")
+            print(f"{t} {host:<20} UNREACHABLE  {task}: {msg}", file=self.out, flush=True)
+            return True
+        if kind == "runner_on_failed":
+            if data.get("ignore_errors"):
+                return True
+            hr.failed += 1
+            msg = str(res.get("msg", "failed")).strip()
+            hr.errors.append(msg)
+            print(f"{t} {host:<20} FAILED       {task}: {msg}", file=self.out, flush=True)
+            return True
+        changed = bool(res.get("changed"))
+        if "gpus" in res and "docker" in res and "instances" in res:
+            self.facts[host] = {k: res.get(k) for k in ("gpus", "docker", "ports_busy",
+                                                        "paths_missing", "disk_free_gib",
+                                                        "instances")}
+        if changed:
+            hr.changed += 1
+            items = [r.get("_ansible_item_label") or r.get("item") for r in
+                     res.get("results", []) if r.get("changed")] or [None]
+            for item in items:
+                label = f"{task} [{item}]" if item else task
+                hr.would_change.append(label)
+        else:
+            hr.ok += 1
+        word = ("would change" if self.check else "changed") if changed else "ok"
+        print(f"{t} {host:<20} {word:<12} {task}", file=self.out, flush=True)
+        if self.diff and changed:
+            for d in _diffs(res):
+                print(f"{'':>8}{host:<20} diff: {d}", file=self.out, flush=True)
+        return True
+
+
+def _diffs(res: dict[str, Any]) -> list[str]:
+    out = []
+    for r in [res, *res.get("results", [])]:
+        diff = r.get("diff")
+        for d in diff if isinstance(diff, list) else [diff] if diff else []:
+            before, after = d.get("before"), d.get("after")
+            if isinstance(before, dict) and isinstance(after, dict):
+                for key in sorted(set(before) | set(after)):
+                    if before.get(key) != after.get(key):
+                        out.append(f"{key}: {json.dumps(before.get(key))} -> "
+                                   f"{json.dumps(after.get(key))}")
+            elif before != after:
+                out.append(f"{json.dumps(before)} -> {json.dumps(after)}")
+    return out
+
+
+def run_playbook(
+    playbook: str,
+    run_dir: Path,
+    inventories: list[str],
+    plan_vars: dict[str, Any],
+    extravars: dict[str, Any] | None = None,
+    *,
+    check: bool = False,
+    diff: bool = False,
+    limit: str | None = None,
+    tags: str | None = None,
+    forks: int | None = None,
+    secret_env: dict[str, str] | None = None,
+    progress: Callable[[dict[str, Any]], bool] | None = None,
+) -> RunResult:
+    import ansible_runner
+
+    pdd = _private_dir(run_dir)
+    vars_file = pdd / "inventory" / "zz-evalprov-plan.yml"
+    vars_file.write_text(yaml.safe_dump(plan_vars, sort_keys=False))
+    cmdline = " ".join(x for x in ("--check" if check else "", "--diff" if diff else "") if x)
+    handler = progress or Progress(check=check, diff=diff)
+    saved = {k: os.environ.get(k) for k in (secret_env or {})}
+    os.environ.update(secret_env or {})
+    t0 = time.monotonic()
+    try:
+        r = ansible_runner.run(
+            private_data_dir=str(pdd),
+            playbook=str(PLAYBOOKS / playbook),
+            inventory=[*inventories, str(vars_file)],
+            extravars=extravars or {},
+            envvars=ansible_env(pdd, forks),
+            cmdline=cmdline or None,
+            limit=limit,
+            tags=tags,
+            forks=forks,
+            event_handler=handler,
+            quiet=True,
+            suppress_env_files=True,
+            rotate_artifacts=20,
+        )
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    seconds = time.monotonic() - t0
+    hosts = getattr(handler, "hosts", {})
+    stats = r.stats or {}
+    for key, attr in (("ok", "ok"), ("changed", "changed"), ("failures", "failed"),
+                      ("dark", "unreachable"), ("skipped", "skipped")):
+        for host, n in (stats.get(key) or {}).items():
+            hr = hosts.setdefault(host, HostResult())
+            setattr(hr, attr, n)
+    return RunResult(r.status, r.rc, hosts, getattr(handler, "facts", {}), seconds, pdd)

@@ -1,0 +1,217 @@
+#!/usr/bin/python
+"""One read-only probe of everything evalprov needs to know about a host, in one module run:
+GPUs (nvidia-smi), docker and the NVIDIA container runtime, ports, disk, model paths, the
+image, and the state of evalprov's own containers (spec hash label, running, health)."""
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: evalprov_probe
+short_description: Read-only facts about a GPU host for evalprov
+description:
+  - Gathers GPU inventory, container runtime, port, disk, path, image and instance state in a
+    single run. Changes nothing; supports check mode.
+options:
+  ports:
+    description: Ports the planned instances use.
+    type: list
+    elements: int
+    default: []
+  paths:
+    description: Checkpoint directories that must exist.
+    type: list
+    elements: str
+    default: []
+  image:
+    description: Container image the instances run.
+    type: str
+  instances:
+    description: Planned instances (name, port, spec_hash).
+    type: list
+    elements: dict
+    default: []
+  health_path:
+    description: Health endpoint path.
+    type: str
+    default: /health
+  served_model_name:
+    description: Name /v1/models must list.
+    type: str
+  disk_paths:
+    description: Directories whose free space is reported (the nearest existing parent).
+    type: list
+    elements: str
+    default: []
+author: evalprov
+"""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import urllib.request
+
+from ansible.module_utils.basic import AnsibleModule
+
+GPU_QUERY = ["--query-gpu=index,name,memory.total,uuid", "--format=csv,noheader,nounits"]
+
+
+def run(argv, timeout=20):
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return 127, "", str(exc)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def gpus():
+    exe = shutil.which("nvidia-smi")
+    if not exe:
+        return {"present": False, "count": 0, "devices": [], "error": "nvidia-smi not found"}
+    rc, out, err = run([exe, *GPU_QUERY])
+    if rc != 0:
+        return {"present": False, "count": 0, "devices": [], "error": (err or out).strip()[:300]}
+    devices = []
+    for line in out.strip().splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) >= 3:
+            devices.append({"index": int(parts[0]), "name": parts[1],
+                            "memory_mib": int(float(parts[2])),
+                            "uuid": parts[3] if len(parts) > 3 else ""})
+    return {"present": True, "count": len(devices), "devices": devices, "error": ""}
+
+
+def docker_state(image, instances):
+    exe = shutil.which("docker")
+    state = {"present": bool(exe), "running": False, "nvidia_runtime": False,
+             "root_dir": "/var/lib/docker", "image_present": False, "containers": {},
+             "managed": []}
+    if not exe:
+        return state
+    rc, out, _ = run([exe, "info", "--format", "{{json .}}"])
+    if rc != 0:
+        return state
+    info = json.loads(out or "{}")
+    state["running"] = True
+    state["root_dir"] = info.get("DockerRootDir") or state["root_dir"]
+    runtimes = info.get("Runtimes") or {}
+    state["nvidia_runtime"] = "nvidia" in runtimes or bool(
+        shutil.which("nvidia-container-runtime-hook"))
+    if image:
+        state["image_present"] = run([exe, "image", "inspect", "--format", "{{.Id}}",
+                                      image])[0] == 0
+    rc, out, _ = run([exe, "ps", "-a", "--filter", "label=evalprov.managed=true",
+                      "--format", "{{.Names}}"])
+    state["managed"] = sorted(out.split()) if rc == 0 else []
+    names = [i["name"] for i in instances]
+    if names:
+        rc, out, _ = run([exe, "inspect", "--type", "container",
+                          "--format", "{{json .}}", *names])
+        for line in out.splitlines():
+            try:
+                c = json.loads(line)
+            except ValueError:
+                continue
+            labels = (c.get("Config") or {}).get("Labels") or {}
+            st = c.get("State") or {}
+            state["containers"][c.get("Name", "").lstrip("/")] = {
+                "spec_hash": labels.get("evalprov.spec_hash", ""),
+                "running": bool(st.get("Running")),
+                "status": st.get("Status", ""),
+                "exit_code": st.get("ExitCode"),
+            }
+    return state
+
+
+def port_busy(port):
+    for family, addr in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+        try:
+            s = socket.socket(family, socket.SOCK_STREAM)
+        except OSError:
+            continue
+        try:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((addr, port))
+        except OSError:
+            return True
+        finally:
+            s.close()
+    return False
+
+
+def http_json(url, timeout=3):
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - loopback
+            body = resp.read(65536)
+            return resp.status, body
+    except Exception:  # noqa: BLE001 - any failure means "not healthy"
+        return 0, b""
+
+
+def serving(port, health_path, served):
+    status, _ = http_json(f"http://127.0.0.1:{port}{health_path}")
+    if status != 200:
+        return False
+    status, body = http_json(f"http://127.0.0.1:{port}/v1/models")
+    try:
+        ids = [m.get("id") for m in json.loads(body or b"{}").get("data", [])]
+    except ValueError:
+        return False
+    return status == 200 and (not served or served in ids)
+
+
+def free_gib(path):
+    p = path
+    while p and not os.path.exists(p):
+        p = os.path.dirname(p)
+    try:
+        return round(shutil.disk_usage(p or "/").free / 2**30, 1)
+    except OSError:
+        return None
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec={
+            "ports": {"type": "list", "elements": "int", "default": []},
+            "paths": {"type": "list", "elements": "str", "default": []},
+            "image": {"type": "str"},
+            "instances": {"type": "list", "elements": "dict", "default": []},
+            "health_path": {"type": "str", "default": "/health"},
+            "served_model_name": {"type": "str"},
+            "disk_paths": {"type": "list", "elements": "str", "default": []},
+        },
+        supports_check_mode=True,
+    )
+    p = module.params
+    docker = docker_state(p["image"], p["instances"])
+    ours = {i["port"] for i in p["instances"]
+            if docker["containers"].get(i["name"], {}).get("running")}
+    instances = {}
+    for inst in p["instances"]:
+        c = docker["containers"].get(inst["name"], {})
+        up = bool(c.get("running")) and serving(inst["port"], p["health_path"],
+                                                p["served_model_name"])
+        instances[inst["name"]] = {
+            "exists": bool(c),
+            "running": bool(c.get("running")),
+            "spec_hash": c.get("spec_hash", ""),
+            "converged": bool(c) and c.get("spec_hash") == inst["spec_hash"]
+            and bool(c.get("running")),
+            "serving": up,
+        }
+    disks = {d: free_gib(d) for d in p["disk_paths"] + [docker["root_dir"]]}
+    module.exit_json(
+        changed=False,
+        gpus=gpus(),
+        docker=docker,
+        ports_busy=[port for port in p["ports"] if port not in ours and port_busy(port)],
+        paths_missing=[path for path in p["paths"] if not os.path.isdir(path)],
+        disk_free_gib=disks,
+        instances=instances,
+    )
+
+
+if __name__ == "__main__":
+    main()
