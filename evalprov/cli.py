@@ -65,10 +65,45 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_inventory(args: argparse.Namespace) -> int:
-    from evalprov.inventory import render
+    from evalprov.inventory import render, to_yaml
 
-    print(_dump(render(_plan(args)), args.format), end="")
+    data = render(_plan(args))
+    print(to_yaml(data) if args.format == "yaml" else _dump(data, args.format), end="")
     return Exit.OK
+
+
+def _provision(args: argparse.Namespace, playbook: str) -> int:
+    from evalprov import apply
+
+    loaded = _load(args)
+    from evalprov.hosts import host_facts
+    from evalprov.plan import plan
+
+    config = loaded.config
+    hosts = host_facts(config.execution.type, args.inventory, None, None, args.limit)
+    the_plan = plan(config, hosts)
+    opts = apply.Options(args.inventory, getattr(args, "check", False),
+                         getattr(args, "diff", False), args.limit, getattr(args, "tags", None),
+                         args.forks)
+    what = "destroy" if playbook == "destroy.yml" else "apply"
+    mode = " --check" if opts.check else ""
+    print(f"evalprov {what}{mode}: {len(the_plan.hosts)} host(s), "
+          f"{len(the_plan.instances)} instance(s)", file=sys.stderr)
+    result, run_dir = apply.run(loaded, the_plan, opts, playbook)
+    text, code = apply.summary(result, opts.check)
+    print(text)
+    if code and what == "apply":
+        print(f"next: fix the errors above, then run the same evalprov apply again "
+              f"(logs under {run_dir})", file=sys.stderr)
+    return code
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    return _provision(args, "site.yml")
+
+
+def cmd_destroy(args: argparse.Namespace) -> int:
+    return _provision(args, "destroy.yml")
 
 
 def cmd_ls_tasks(args: argparse.Namespace) -> int:
@@ -99,8 +134,23 @@ EPILOGS = {
             "  evalprov plan CONFIG -i INVENTORY --gpus 8",
     "inventory": "examples:\n  evalprov inventory examples/baremetal_llama_3_1_8b_instruct.yaml "
                  "-i inventories/fleet.yml",
+    "apply": "examples:\n  evalprov apply CONFIG -i INVENTORY --check --diff\n"
+             "  evalprov apply CONFIG -i INVENTORY --limit gpu-node-01 --forks 16",
+    "destroy": "examples:\n  evalprov destroy CONFIG -i INVENTORY",
     "ls": "examples:\n  evalprov ls tasks\n  evalprov ls tasks --harness simple_evals",
 }
+
+
+def _one_line(text: str) -> str:
+    """An error stays one line even when it quotes a value holding newlines."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _debug_flag(p: argparse.ArgumentParser) -> None:
+    """--debug after the subcommand too (`evalprov validate X --debug`); SUPPRESS keeps a
+    --debug given before the subcommand."""
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show tracebacks on errors")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("-o", "--override", action="append", metavar="KEY=VALUE",
                        help="override a field, YAML-typed (repeatable)")
         p.add_argument("--format", choices=fmts, default=fmts[0])
+        _debug_flag(p)
         p.set_defaults(func=fn)
         return p
 
@@ -136,12 +187,27 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--gpus", type=int, metavar="N", help="GPU count of every host")
         p.add_argument("--facts", metavar="FILE", help="YAML/JSON host: GPU count")
 
+    for name, help_, fn in (
+        ("apply", "provision the hosts: preflight, image, vllm serve, /health", cmd_apply),
+        ("destroy", "remove what apply made on the hosts", cmd_destroy),
+    ):
+        p = config_cmd(name, help_, fn, ("text",))
+        p.add_argument("-i", "--inventory", help="Ansible inventory of the GPU hosts")
+        p.add_argument("--limit", help="host pattern, as ansible --limit")
+        p.add_argument("--forks", type=int, metavar="N", help="parallel hosts (ansible forks)")
+        if name == "apply":
+            p.add_argument("--check", action="store_true",
+                           help="report what would change; change nothing")
+            p.add_argument("--diff", action="store_true", help="show what changes")
+            p.add_argument("--tags", help="only these role tags (preflight,image,vllm,health)")
+
     ls = sub.add_parser("ls", help="list known things", epilog=EPILOGS["ls"],
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     ls_sub = ls.add_subparsers(dest="what", required=True, parser_class=_Parser)
     lt = ls_sub.add_parser("tasks", help="tasks with harness, image and endpoint type")
     lt.add_argument("--harness", help="only this harness")
     lt.add_argument("--format", choices=("text", "yaml", "json"), default="text")
+    _debug_flag(lt)
     lt.set_defaults(func=cmd_ls_tasks)
     return parser
 
@@ -157,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         for line in exc.lines:
-            print(f"error: {line}", file=sys.stderr)
+            print(f"error: {_one_line(line)}", file=sys.stderr)
         return int(exc.exit_code)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

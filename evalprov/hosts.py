@@ -21,37 +21,95 @@ GPU_COUNT_VAR = "evalprov_gpu_count"
 LOCALHOST = "localhost"
 
 
-def read_inventory(path: str, limit: str | None = None) -> dict[str, dict[str, Any]]:
-    """host name -> its evalprov_* variables (host and group vars merged by ansible-core)."""
+class _Quiet:
+    """Stands in for ansible-core's display while an inventory is parsed: keeps the reasons
+    each plugin gave up (the user gets one line) instead of printing pages of warnings."""
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+        self.failures: list[tuple[str, BaseException]] = []
+        self.unparsed: list[str] = []
+
+    def error_as_warning(self, msg: str, exception: BaseException, **_: Any) -> None:
+        self.failures.append((msg, exception))
+
+    def warning(self, msg: str, *_: Any, **__: Any) -> None:
+        prefix, suffix = "Unable to parse ", " as an inventory source"
+        if str(msg).startswith(prefix) and str(msg).endswith(suffix):
+            self.unparsed.append(str(msg)[len(prefix):-len(suffix)])
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
+def _parse_failure(path: str, failures: list[tuple[str, BaseException]]) -> str:
+    """The reason of the plugin that fits the file's suffix (else the first one), one line."""
+    wanted = "yaml" if Path(path).suffix.lower() in (".yml", ".yaml", ".json") else "ini"
+    chosen = next((e for m, e in failures if f"'{wanted}'" in m), None)
+    if chosen is None and failures:
+        chosen = failures[0][1]
+    text = str(getattr(chosen, "message", "") or chosen or "").strip()
+    return text.splitlines()[0] if text else "no inventory plugin accepted it"
+
+
+def _is_host_list(path: str) -> bool:
+    """`-i a,b,` : ansible-core's inline host list."""
+    return "," in path and not Path(path).exists()
+
+
+def read_inventory(
+    path: str, limit: str | None = None
+) -> tuple[dict[str, dict[str, Any]], set[str]]:
+    """(host name -> its evalprov_* variables for the hosts --limit selects, host and group
+    vars merged by ansible-core; the names of all hosts of the inventory)."""
     p = Path(path)
-    if not p.exists():
+    if not p.exists() and not _is_host_list(path):
         raise InventoryError(f"inventory: {path!r} not found; give -i PATH of an Ansible inventory")
+    import ansible.inventory.manager as manager
     from ansible import constants as C
     from ansible.errors import AnsibleError
-    from ansible.inventory.manager import InventoryManager
     from ansible.parsing.dataloader import DataLoader
     from ansible.vars.manager import VariableManager
 
     C.INVENTORY_UNPARSED_IS_FAILED = True
     loader = DataLoader()
+    quiet = _Quiet(manager.display)
+    manager.display = quiet
     try:
-        inventory = InventoryManager(loader=loader, sources=[str(p)])
-    except AnsibleError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-        raise InventoryError(f"inventory: {path}: cannot be parsed ({first}); fix it or see "
-                             "inventories/ for examples") from None
-    hosts = inventory.get_hosts(limit or "all")
-    if not hosts:
-        what = f" matching --limit {limit!r}" if limit else ""
+        try:
+            inventory = manager.InventoryManager(loader=loader, sources=[path])
+        except AnsibleError:
+            inventory = None
+        if inventory is None or quiet.unparsed:
+            # one file of a directory inventory failing is as much an error as the whole
+            bad = quiet.unparsed[0] if quiet.unparsed else path
+            reason = _parse_failure(bad, quiet.failures)
+            raise InventoryError(f"inventory: {bad}: cannot be parsed ({reason}); fix it or see "
+                                 "inventories/ for examples")
+        everyone = {str(h.name) for h in inventory.get_hosts("all")}
+        try:
+            inventory.subset(limit)
+            hosts = inventory.get_hosts("all")
+        except AnsibleError as exc:
+            first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]
+            raise InventoryError(f"--limit {limit!r}: {first}; give a host pattern as for "
+                                 "ansible --limit") from None
+    finally:
+        manager.display = quiet._real
+    if not hosts and limit:
         raise InventoryError(
-            f"inventory: {path} has no hosts{what}; add hosts under all: or a group"
+            f"--limit {limit!r}: matches no host of {path}; give host or group names of the "
+            "inventory (`ansible-inventory -i PATH --graph` lists them)"
         )
+    if not hosts:
+        raise InventoryError(f"inventory: {path} has no hosts; add hosts under all: or a group")
     variables = VariableManager(loader=loader, inventory=inventory)
     out = {}
     for host in hosts:
         hv = variables.get_vars(host=host, include_hostvars=False)
-        out[host.name] = {k: v for k, v in hv.items() if k.startswith("evalprov_")}
-    return out
+        # str(): ansible-core hands out tagged str subclasses that yaml.safe_dump refuses.
+        out[str(host.name)] = {str(k): v for k, v in hv.items() if k.startswith("evalprov_")}
+    return out, everyone
 
 
 def read_facts(path: str) -> dict[str, int]:
@@ -60,6 +118,9 @@ def read_facts(path: str) -> dict[str, int]:
         data = yaml.safe_load(Path(path).read_text())
     except FileNotFoundError:
         raise InventoryError(f"--facts: {path!r} not found; give a YAML/JSON file host: gpus")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InventoryError(f"--facts: cannot read {path!r} ({exc.__class__.__name__}); give a "
+                             "readable YAML/JSON file host: gpus")
     except yaml.YAMLError as exc:
         raise InventoryError(f"--facts: {path} is not valid YAML/JSON ({exc.__class__.__name__})")
     if not isinstance(data, dict):
@@ -82,11 +143,12 @@ def read_facts(path: str) -> dict[str, int]:
 def _gpu_var(host: str, value: Any) -> int | None:
     if value is None:
         return None
-    try:
+    count = -1
+    if isinstance(value, int) and not isinstance(value, bool):
         count = int(value)
-    except (TypeError, ValueError):
-        count = -1
-    if count < 0 or isinstance(value, bool):
+    elif isinstance(value, str) and value.strip().isdigit():
+        count = int(value.strip())
+    if count < 0:
         raise InventoryError(f"inventory: host {host}: {GPU_COUNT_VAR}={value!r} is not a "
                              "non-negative integer; set it to the host's GPU count")
     return count
@@ -102,16 +164,17 @@ def host_facts(
     if execution_type == "slurm":
         return []  # the planner plans the allocation itself
     if execution_type == "local" and not inventory:
-        host_vars = {LOCALHOST: {}}
+        host_vars: dict[str, dict[str, Any]] = {LOCALHOST: {}}
+        everyone = {LOCALHOST}
     elif not inventory:
         raise InventoryError(
             f"inventory: execution {execution_type} needs -i INVENTORY (an Ansible inventory "
             "of the GPU hosts); or use execution: local for this machine"
         )
     else:
-        host_vars = read_inventory(inventory, limit)
+        host_vars, everyone = read_inventory(inventory, limit)
     known = read_facts(facts) if facts else {}
-    unknown = sorted(set(known) - set(host_vars))
+    unknown = sorted(set(known) - everyone)
     if unknown:
         raise InventoryError(f"--facts: host {unknown[0]} is not in the inventory; remove it or "
                              "add the host to the inventory")

@@ -5,7 +5,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import yaml
+
 from evalprov.plan import Instance, Plan, TaskRun
+
+# Where Ansible would start a template in a string (its default Jinja delimiters).
+JINJA_MARKERS = ("{{", "{%", "{#")
 
 
 def instance_vars(inst: Instance) -> dict[str, Any]:
@@ -69,3 +74,26 @@ def render(plan: Plan) -> dict[str, Any]:
             "evalprov_eval_tasks": [task_vars(t) for t in hp.tasks],
         }
     return {"all": {"vars": common, "hosts": hosts}}
+
+
+class _AnsibleDumper(yaml.SafeDumper):
+    """YAML for Ansible to read: a string that looks like a Jinja template is tagged
+    ``!unsafe`` so Ansible uses it as written instead of templating it (a
+    `--chat-template '{% for m in messages %}...'` argument reaches vLLM unchanged, and
+    `{{ lookup('pipe', ...) }}` in a config runs nothing on the controller)."""
+
+
+def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
+    if any(m in value for m in JINJA_MARKERS):
+        return dumper.represent_scalar("!unsafe", value)
+    return dumper.represent_str(value)
+
+
+_AnsibleDumper.add_representer(str, _represent_str)
+
+
+def to_yaml(data: dict[str, Any]) -> str:
+    """The rendered inventory as an Ansible YAML inventory file (see _AnsibleDumper).
+    Whatever hands render() to Ansible, or prints it as an inventory, should write it so."""
+    return yaml.dump(data, Dumper=_AnsibleDumper, sort_keys=False, default_flow_style=False,
+                     width=100)

@@ -168,10 +168,14 @@ def instances_per_host(config: Config, gpus: int | None, need: int) -> int:
     wanted = config.execution.instances_per_host
     if wanted == "auto":
         return max(1, (gpus or need) // need)
+    if isinstance(wanted, bool) or wanted < 1:
+        raise PlanError(f"execution.instances_per_host: {wanted!r} plans no vLLM instance; use "
+                        "1 or more, or auto")
     return wanted
 
 
-def check_host_fits(host: HostFacts, need: int, count: int, dep: VllmDeployment) -> None:
+def check_host_fits(host: HostFacts, need: int, count: int, dep: VllmDeployment,
+                    slurm: bool = False) -> None:
     if host.gpus is None or host.gpus >= need * count:
         return
     per = (
@@ -182,6 +186,11 @@ def check_host_fits(host: HostFacts, need: int, count: int, dep: VllmDeployment)
         raise PlanError(
             f"host {host.name}: has {host.gpus} GPUs but {count} instances of {need} GPUs "
             f"({per}) need {need * count}; lower execution.instances_per_host or use auto"
+        )
+    if slurm:
+        raise PlanError(
+            f"host {host.name}: execution.gres gives {host.gpus} GPUs but one instance needs "
+            f"{need} ({per}); raise execution.gres to gpu:{need} or lower the parallel sizes"
         )
     raise PlanError(
         f"host {host.name}: has {host.gpus} GPUs but one instance needs {need} ({per}); "
@@ -205,7 +214,7 @@ def plan_instances(config: Config, host: HostFacts) -> tuple[Instance, ...]:
     assert isinstance(dep, VllmDeployment)
     need = gpus_per_instance(dep)
     count = instances_per_host(config, host.gpus, need)
-    check_host_fits(host, need, count, dep)
+    check_host_fits(host, need, count, dep, isinstance(config.execution, SlurmExecution))
     model = model_source(dep)
     mounts = mounts_for(model, config.execution.hf_cache_dir)
     env_names = _env_names(config.env_vars, dep.env_vars)
@@ -247,6 +256,14 @@ def endpoint_type(task: Task, info: TaskInfo) -> str:
     return task.endpoint_type or (info.endpoint_types[0] if info.endpoint_types else "chat")
 
 
+def endpoint_path(dep: VllmDeployment, etype: str) -> str:
+    """The path a task of this endpoint type calls. vlm requests are chat completions with
+    images (vLLM has no separate VLM route)."""
+    if etype in ("chat", "vlm"):
+        return dep.endpoints.chat
+    return getattr(dep.endpoints, etype, dep.endpoints.completions)
+
+
 def _task_run(config: Config, task: Task, info: TaskInfo, host: str,
               inst: Instance | None) -> TaskRun:
     etype = endpoint_type(task, info)
@@ -255,9 +272,7 @@ def _task_run(config: Config, task: Task, info: TaskInfo, host: str,
     else:
         dep = config.deployment
         assert isinstance(dep, VllmDeployment)
-        path = dep.endpoints.chat if etype == "chat" else getattr(
-            dep.endpoints, etype, dep.endpoints.completions)
-        url = inst.base_url + path
+        url = inst.base_url + endpoint_path(dep, etype)
     env = _env_names(config.env_vars, config.evaluation.env_vars, task.env_vars)
     return TaskRun(task.name, info.name, info.harness, task.container or info.container, etype,
                    host, inst.name if inst else None, url, env)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from evalprov.inventory import to_yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 PLAYBOOKS = Path(os.environ.get("EVALPROV_PLAYBOOKS_DIR", ROOT / "playbooks"))
@@ -180,7 +180,7 @@ def run_playbook(
 
     pdd = _private_dir(run_dir)
     vars_file = pdd / "inventory" / "zz-evalprov-plan.yml"
-    vars_file.write_text(yaml.safe_dump(plan_vars, sort_keys=False))
+    vars_file.write_text(to_yaml(plan_vars))  # !unsafe: argv is never templated by Ansible
     cmdline = " ".join(x for x in ("--check" if check else "", "--diff" if diff else "") if x)
     handler = progress or Progress(check=check, diff=diff)
     saved = {k: os.environ.get(k) for k in (secret_env or {})}

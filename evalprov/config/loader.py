@@ -34,6 +34,7 @@ UNSUPPORTED = {
     "deployment": ("sglang", "nim", "trtllm", "vllm_ray", "generic"),
 }
 _TYPE_TO_OPTION = {"slurm": "slurm/default", "lepton": "lepton/default"}
+MISSING = "???"
 _INTERP = re.compile(r"\$\{([^${}]+)\}")
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
@@ -63,6 +64,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1} column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        start = getattr(exc, "context_mark", None)
+        context = getattr(exc, "context", None)
+        if context and start and (not mark or start.line != mark.line):
+            problem += f" {context} started at line {start.line + 1}"
         raise ConfigError(f"config: {p}{where}: invalid YAML ({problem}); fix the syntax there")
     if data is None:
         raise ConfigError(f"config: {p} is empty; start from examples/ or the README")
@@ -98,6 +103,12 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+def _indices(node: list[Any]) -> str:
+    if not node:
+        return "the list is empty; add the items in the config file"
+    return f"use 0..{len(node) - 1}"
+
+
 def apply_override(data: dict[str, Any], path: list[str], value: Any, text: str) -> None:
     node: Any = data
     for i, part in enumerate(path[:-1]):
@@ -105,7 +116,7 @@ def apply_override(data: dict[str, Any], path: list[str], value: Any, text: str)
         if isinstance(node, list):
             if not part.isdigit() or int(part) >= len(node):
                 raise ConfigError(f"-o {text!r}: {'.'.join(path[:i + 1])} is not an index of a "
-                                  f"list of {len(node)}; use 0..{len(node) - 1}")
+                                  f"list of {len(node)}; {_indices(node)}")
             node = node[int(part)]
             continue
         if not isinstance(node, dict):
@@ -116,7 +127,8 @@ def apply_override(data: dict[str, Any], path: list[str], value: Any, text: str)
     last = path[-1]
     if isinstance(node, list):
         if not last.isdigit() or int(last) >= len(node):
-            raise ConfigError(f"-o {text!r}: {last} is not an index of a list of {len(node)}")
+            raise ConfigError(f"-o {text!r}: {'.'.join(path)} is not an index of a list of "
+                              f"{len(node)}; {_indices(node)}")
         node[int(last)] = value
     elif isinstance(node, dict):
         node[last] = value
@@ -130,6 +142,8 @@ def apply_override(data: dict[str, Any], path: list[str], value: Any, text: str)
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
     for key, value in over.items():
+        if value == MISSING and key in out:
+            continue  # as OmegaConf: a missing value merged onto a set one leaves it set
         if isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = _merge(out[key], value)
         else:
@@ -147,7 +161,7 @@ def _defaults_entries(raw: Any) -> list[Any]:
     return raw
 
 
-def _choose(group: str, option: Any) -> str:
+def _choose(group: str, option: Any, where: str = "defaults") -> str:
     option = str(option)
     if option in SUPPORTED[group]:
         return option
@@ -158,7 +172,7 @@ def _choose(group: str, option: Any) -> str:
         )
     close = difflib.get_close_matches(option, SUPPORTED[group], n=1)
     hint = f"did you mean {close[0]}?" if close else f"use one of {', '.join(SUPPORTED[group])}"
-    raise ConfigError(f"defaults: unknown {group} {option!r}; {hint}")
+    raise ConfigError(f"{where}: unknown {group} {option!r}; {hint}")
 
 
 def compose(user: dict[str, Any], default_execution: str = "local") -> dict[str, Any]:
@@ -188,11 +202,34 @@ def compose(user: dict[str, Any], default_execution: str = "local") -> dict[str,
     # A section that states its own type picks its group option when the list does not.
     for group in SUPPORTED:
         section = user.get(group)
-        if group not in choices and isinstance(section, dict) and "type" in section:
-            typ = str(section["type"])
-            choices[group] = _choose(group, _TYPE_TO_OPTION.get(typ, typ))
+        if isinstance(section, str):
+            option = section if re.fullmatch(r"[\w/.-]+", section) else "OPTION"
+            raise ConfigError(
+                f"{group}: got {_short(section)}, a name, where a mapping of fields belongs; "
+                f"choose the option in the defaults list (defaults: [{{{group}: {option}}}, "
+                f"_self_]) and keep {group}: for its fields"
+            )
+        if not isinstance(section, dict) or "type" not in section:
+            continue
+        typ = str(section["type"])
+        chosen = _choose(group, _TYPE_TO_OPTION.get(typ, typ), where=f"{group}.type")
+        if group in choices and choices[group] != chosen:
+            raise ConfigError(
+                f"{group}.type: {typ!r} contradicts the defaults list entry {group}: "
+                f"{choices[group]}; change one of them (or drop {group}.type)"
+            )
+        choices[group] = chosen
     choices.setdefault("execution", default_execution)
-    choices.setdefault("deployment", "none")
+    if "deployment" not in choices:
+        section = user.get("deployment")
+        fields = sorted(str(k) for k in section if k != "type") if isinstance(section, dict) else []
+        if fields:
+            raise ConfigError(
+                f"deployment: fields {', '.join(fields)} are given but no deployment is chosen "
+                "(the default is none); add '- deployment: vllm' to the defaults list or set "
+                "deployment.type: vllm"
+            )
+        choices["deployment"] = "none"
     if "_self_" not in order:
         order.append("_self_")
     for group in SUPPORTED:
@@ -276,18 +313,30 @@ def interpolate(root: dict[str, Any], environ=None) -> dict[str, Any]:
 # --------------------------------------------------------------------------- checks
 
 
-def _placeholders(node: Any, where: str = "") -> list[str]:
+def _placeholder_paths(node: Any, where: str = "") -> list[str]:
     if isinstance(node, dict):
         return [
             e for k, v in node.items()
-            for e in _placeholders(v, f"{where}.{k}" if where else str(k))
+            for e in _placeholder_paths(v, f"{where}.{k}" if where else str(k))
         ]
     if isinstance(node, list):
-        return [e for i, v in enumerate(node) for e in _placeholders(v, f"{where}.{i}")]
-    if node == "???":
-        return [f"{where}: required value missing (??? placeholder); set it in the config or "
-                f"with -o {where}=VALUE"]
-    return []
+        return [e for i, v in enumerate(node) for e in _placeholder_paths(v, f"{where}.{i}")]
+    return [where] if node == MISSING else []
+
+
+def _placeholder_line(where: str) -> str:
+    return (f"{where}: required value missing (??? placeholder); set it in the config or "
+            f"with -o {where}=VALUE")
+
+
+def _drop_placeholders(node: Any) -> Any:
+    """The data with every ``???`` mapping value removed, so the schema reports only the
+    other problems (a removed required field comes back as its placeholder line)."""
+    if isinstance(node, dict):
+        return {k: _drop_placeholders(v) for k, v in node.items() if v != MISSING}
+    if isinstance(node, list):
+        return [_drop_placeholders(v) for v in node]
+    return node
 
 
 _TAGGED = {"deployment": "type", "execution": "type"}
@@ -342,34 +391,64 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def format_validation_error(exc: ValidationError, data: dict[str, Any]) -> list[str]:
-    lines = []
+@dataclass
+class _Problem:
+    path: str
+    line: str
+    kind: str = ""
+    meant: str | None = None  # for an unknown field: the path of the field it is close to
+
+
+_MAPPING_KINDS = {"model_type", "dict_type", "model_attributes_type"}
+
+
+def _problems(exc: ValidationError, data: dict[str, Any]) -> list[_Problem]:
+    out = []
     for err in exc.errors(include_url=False):
         loc = tuple(err["loc"])
         path = _loc(loc)
         kind = err["type"]
+        value = err.get("input")
         if kind == "extra_forbidden":
             key = str(loc[-1])
             parent = path.rsplit(".", 1)[0] if "." in path else ""
             names = _fields_at(parent.split(".") if parent else [], data)
             close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
             hint = f"did you mean {close[0]}?" if close else "remove it (see examples/)"
-            lines.append(f"{path or key}: unknown field; {hint}")
+            meant = (f"{parent}.{close[0]}" if parent else close[0]) if close else None
+            out.append(_Problem(path or key, f"{path or key}: unknown field; {hint}", kind, meant))
             continue
         if kind == "missing":
-            lines.append(f"{path}: required field missing; set it in the config or with "
-                         f"-o {path}=VALUE")
+            out.append(_Problem(path, f"{path}: required field missing; set it in the config or "
+                                f"with -o {path}=VALUE", kind))
             continue
         msg = err["msg"]
         msg = msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
         if kind.startswith("value_error"):
-            lines.append(f"{path or 'config'}: {msg}")
+            line = f"{path or 'config'}: {msg}"
         elif kind == "literal_error":
             expected = err.get("ctx", {}).get("expected", "")
-            lines.append(f"{path}: got {_short(err.get('input'))}; use one of {expected}")
+            line = f"{path}: got {_short(value)}; use one of {expected}"
+        elif kind in _MAPPING_KINDS:
+            example = (f", e.g. `- name: {value}`" if isinstance(value, str)
+                       and re.fullmatch(r"evaluation\.tasks\.\d+", path) else "")
+            line = f"{path}: got {_short(value)}; write a mapping of fields here{example}"
         else:
-            lines.append(f"{path}: got {_short(err.get('input'))}: {msg[0].lower()}{msg[1:]}")
-    return list(dict.fromkeys(lines))
+            line = f"{path}: got {_short(value)}: {msg[0].lower()}{msg[1:]}"
+        out.append(_Problem(path, line, kind))
+    return out
+
+
+def _report(problems: list[_Problem]) -> list[str]:
+    """One line per problem; a field reported missing is not repeated when an unknown key
+    next to it is its likely misspelling (the "did you mean" line says it all)."""
+    meant = {p.meant for p in problems if p.meant}
+    kept = [p for p in problems if not (p.kind in ("missing", MISSING) and p.path in meant)]
+    return list(dict.fromkeys(p.line for p in kept))
+
+
+def format_validation_error(exc: ValidationError, data: dict[str, Any]) -> list[str]:
+    return _report(_problems(exc, data))
 
 
 def _warnings(user: dict[str, Any]) -> list[str]:
@@ -381,7 +460,9 @@ def _warnings(user: dict[str, Any]) -> list[str]:
             continue
         if value != empty:
             out.append(f"warning: {dotted} is accepted but not acted on by evalprov yet")
-    for i, task in enumerate((user.get("evaluation") or {}).get("tasks") or []):
+    evaluation = user.get("evaluation")
+    tasks = evaluation.get("tasks") if isinstance(evaluation, dict) else None
+    for i, task in enumerate(tasks if isinstance(tasks, list) else []):
         if isinstance(task, dict):
             for key in ("pre_cmd", "post_cmd"):
                 if task.get(key):
@@ -403,13 +484,20 @@ def _check_tasks(config: Config) -> None:
 
 
 def validate(data: dict[str, Any], user: dict[str, Any]) -> LoadedConfig:
-    errors = _placeholders(data)
-    if errors:
-        raise ConfigError(*errors)
+    """Every problem at once: ``???`` placeholders left in, then schema errors elsewhere."""
+    missing = _placeholder_paths(data)
+    problems = [_Problem(p, _placeholder_line(p), MISSING) for p in missing]
+    config = None
     try:
-        config = Config.model_validate(data)
+        config = Config.model_validate(_drop_placeholders(data) if missing else data)
     except ValidationError as exc:
-        raise ConfigError(*format_validation_error(exc, data)) from None
+        under = tuple(f"{p}." for p in missing)
+        problems += [
+            p for p in _problems(exc, data)
+            if p.path not in missing and not p.path.startswith(under)
+        ]
+    if problems or config is None:
+        raise ConfigError(*_report(problems))
     _check_tasks(config)
     return LoadedConfig(config=config, warnings=_warnings(user))
 
@@ -422,10 +510,13 @@ def load_config(
 ) -> LoadedConfig:
     """Read, compose, override, interpolate and validate one config file."""
     user = read_yaml(path)
-    for text in overrides:
-        keys, value = parse_override(text)
+    parsed = [(text, *parse_override(text)) for text in overrides]
+    for text, keys, value in parsed:
         apply_override(user, keys, value, text)
     composed = compose(user, default_execution=default_execution)
+    for text, keys, value in parsed:  # command-line values win over every defaults entry
+        if keys[0] != "defaults":
+            apply_override(composed, keys, copy.deepcopy(value), text)
     data = interpolate(composed, environ)
     loaded = validate(data, user)
     loaded.source = str(path)

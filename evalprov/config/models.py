@@ -11,7 +11,14 @@ import re
 import shlex
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 from evalprov.config.envvars import EnvVarSpec, parse_env_value
 
@@ -21,6 +28,11 @@ HF_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 IMAGE_REF = re.compile(
     r"^[a-z0-9]+([._-][a-z0-9]+)*(:[0-9]+)?(/[a-z0-9]+([._-]+[a-z0-9]+)*)*"
     r"(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(@sha256:[a-f0-9]{64})?$"
+)
+# First path segments the Hub keeps for itself (huggingface.co/models, /datasets, ...): no
+# org or user can have them, so `models/llama` is a relative path, not a HuggingFace id.
+HF_RESERVED = frozenset(
+    {"models", "datasets", "spaces", "docs", "api", "collections", "papers", "settings"}
 )
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 WALLTIME = re.compile(r"^(\d+-)?\d{1,3}:\d{2}:\d{2}$")
@@ -42,6 +54,17 @@ PLANNED_OPTIONS = {
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+def _not_bool(value: Any) -> Any:
+    # pydantic's lax mode reads true as 1: `tensor_parallel_size: yes` must be an error.
+    if isinstance(value, bool):
+        raise ValueError(f"got {value}, a boolean; give a number")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_not_bool)]
+Float = Annotated[float, BeforeValidator(_not_bool)]
 
 
 def _env_map(value: dict[str, Any]) -> dict[str, EnvVarSpec]:
@@ -109,12 +132,12 @@ class VllmDeployment(_EnvVarsMixin):
         str | None, Field(description="HuggingFace id org/name, served with the HF cache mounted.")
     ] = None
     served_model_name: Annotated[str, Field(description="Model name the endpoint serves.")]
-    port: Annotated[int, Field(ge=1, le=65535, description="Port of the first instance.")] = 8000
-    tensor_parallel_size: Annotated[int, Field(ge=1, le=1024, description="TP size.")] = 8
-    pipeline_parallel_size: Annotated[int, Field(ge=1, le=1024, description="PP size.")] = 1
-    data_parallel_size: Annotated[int, Field(ge=1, le=1024, description="vLLM DP size.")] = 1
+    port: Annotated[Int, Field(ge=1, le=65535, description="Port of the first instance.")] = 8000
+    tensor_parallel_size: Annotated[Int, Field(ge=1, le=1024, description="TP size.")] = 8
+    pipeline_parallel_size: Annotated[Int, Field(ge=1, le=1024, description="PP size.")] = 1
+    data_parallel_size: Annotated[Int, Field(ge=1, le=1024, description="vLLM DP size.")] = 1
     gpu_memory_utilization: Annotated[
-        float, Field(gt=0, le=1, description="Fraction of GPU memory vLLM may use.")
+        Float, Field(gt=0, le=1, description="Fraction of GPU memory vLLM may use.")
     ] = 0.95
     extra_args: Annotated[
         str, Field(description="Extra `vllm serve` arguments, split with shell rules.")
@@ -158,7 +181,7 @@ class VllmDeployment(_EnvVarsMixin):
                     f"{value!r} must be an absolute path without spaces, commas or .."
                 )
             return value
-        if HF_ID.match(value):
+        if HF_ID.match(value) and value.split("/", 1)[0].lower() not in HF_RESERVED:
             return value
         raise ValueError(
             f"{value!r} is neither an absolute path on the host nor a HuggingFace id org/name; "
@@ -219,24 +242,36 @@ class SlurmMounts(Strict):
 class _ExecutionCommon(_EnvVarsMixin):
     output_dir: Annotated[str, Field(description="Where results land on the controller.")]
     health_check_timeout: Annotated[
-        int | None,
+        Int | None,
         Field(ge=1, description="Seconds to wait for /health (default: endpoint_readiness_timeout,"
               " else 1800)."),
     ] = None
     endpoint_readiness_timeout: Annotated[
-        int | None, Field(ge=1, description="NEL's name for the health timeout, seconds.")
+        Int | None, Field(ge=1, description="NEL's name for the health timeout, seconds.")
     ] = None
     instances_per_host: Annotated[
         int | Literal["auto"],
         Field(description="vLLM instances per host (consecutive ports, disjoint GPUs); auto "
               "fills the host."),
     ] = 1
+
+    @field_validator("instances_per_host", mode="before")
+    @classmethod
+    def _instances(cls, value: Any) -> Any:
+        # One line instead of one per union member.
+        if value == "auto":
+            return value
+        if isinstance(value, str) and value.strip().isdigit():  # e.g. from ${oc.env:N}
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"got {value!r}; use a count of 1 or more, or auto")
+        return value
     placement: Annotated[
         Literal["shard", "every_host"],
         Field(description="shard: tasks spread over hosts; every_host: each host runs every task."),
     ] = "shard"
     eval_concurrency: Annotated[
-        int, Field(ge=1, le=64, description="Tasks run at once per host.")
+        Int, Field(ge=1, le=64, description="Tasks run at once per host.")
     ] = 1
     runtime: Annotated[
         Literal["docker", "process"],
@@ -285,9 +320,9 @@ class SlurmExecution(_ExecutionCommon):
     account: Annotated[str, Field(description="Slurm account.")]
     partition: Annotated[str, Field(description="Slurm partition.")] = "batch"
     cpu_partition: Annotated[str | None, Field(description="CPU partition for exports.")] = None
-    num_nodes: Annotated[int, Field(ge=1, description="Nodes in all.")] = 1
-    num_instances: Annotated[int, Field(ge=1, description="Independent deployments.")] = 1
-    ntasks_per_node: Annotated[int, Field(ge=1, description="Tasks per node.")] = 1
+    num_nodes: Annotated[Int, Field(ge=1, description="Nodes in all.")] = 1
+    num_instances: Annotated[Int, Field(ge=1, description="Independent deployments.")] = 1
+    ntasks_per_node: Annotated[Int, Field(ge=1, description="Tasks per node.")] = 1
     gres: Annotated[str, Field(description="GRES per node, e.g. gpu:8.")] = "gpu:8"
     walltime: Annotated[str, Field(description="Job time limit HH:MM:SS.")] = "01:00:00"
     max_walltime: Annotated[str | None, Field(description="Limit across resumes.")] = "120:00:00"

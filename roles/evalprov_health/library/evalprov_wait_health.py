@@ -47,7 +47,7 @@ def get(url, timeout=3):
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - loopback
             return resp.status, resp.read(65536)
-    except Exception:  # noqa: BLE001 - any failure means "not yet"
+    except Exception:
         return 0, b""
 
 
@@ -60,7 +60,7 @@ def container_state(name):
                           capture_output=True, text=True, timeout=20)
     if proc.returncode != 0:
         return {"running": False, "status": "missing", "exit_code": None}
-    running, status, code = (proc.stdout.split() + ["", "", ""])[:3]
+    running, status, code = [*proc.stdout.split(), "", "", ""][:3]
     return {"running": running == "true", "status": status, "exit_code": code}
 
 
