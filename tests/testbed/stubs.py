@@ -17,7 +17,7 @@ CUDA_VERSION = "12.4"
 
 HOOK = "#!/bin/sh\n# evalprov testbed stub: the real hook sets up GPU devices.\nexit 0\n"
 
-_NVIDIA_SMI = r'''
+_NVIDIA_SMI = r"""
 import sys
 
 FIELDS = {
@@ -125,7 +125,7 @@ def main(argv):
 
 
 sys.exit(main(sys.argv[1:]))
-'''
+"""
 
 
 def gpu_uuids(hostname: str, count: int) -> list[str]:

@@ -1,0 +1,115 @@
+"""pytest fixtures for the evalprov test fleet.
+
+Register with ``pytest_plugins = ["tests.testbed.pytest_plugin"]`` in the root conftest.
+
+Fixtures:
+  fleet_factory   session: ``fleet_factory(gpus=[8, 4, 2], docker=True, **Fleet kwargs)``
+                  returns a running Fleet. Only one fleet exists at a time (fixed bridge
+                  and addresses): asking for a different spec tears the previous one down;
+                  asking for the same spec again returns the running one (rebuilt if a
+                  test left a host killed or disconnected). ``fleet_factory.close()``
+                  tears down the current fleet. Everything is torn down at session end.
+  fleet           function: ``fleet_factory([8, 4, 2], docker=True)``.
+  standin_image   function: ensures ``vllm/vllm-openai:evalprov-standin`` is in the local
+                  registry (built at most once per session, cached across sessions) and
+                  returns that name.
+
+Tests skip with a clear reason only when not root or ``ip netns add`` fails.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from .fleet import Fleet
+from .image import STANDIN_IMAGE, ensure_standin_image
+
+DEFAULT_GPUS = (8, 4, 2)
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line(
+        "markers", "fleet: needs the network-namespace test fleet (root, ip netns)"
+    )
+
+
+def fleet_skip_reason() -> str | None:
+    """Why fleet tests cannot run here, or None."""
+    if os.geteuid() != 0:
+        return "the test fleet needs root (network namespaces, mounts)"
+    probe = f"evp-probe-{os.getpid()}"
+    try:
+        r = subprocess.run(["ip", "netns", "add", probe], capture_output=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"`ip netns add` failed: {exc}"
+    if r.returncode != 0:
+        return f"`ip netns add` failed: {r.stderr.decode(errors='replace').strip()}"
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True, timeout=10)
+    return None
+
+
+class FleetFactory:
+    def __init__(self, tmp_path_factory):
+        self._tmp = tmp_path_factory
+        self.current: Fleet | None = None
+        self._key: tuple | None = None
+        self.image_info: dict | None = None
+
+    def _healthy(self, f: Fleet) -> bool:
+        if not f.is_up:
+            return False
+        for h in f.hosts:
+            if not f.host_alive(h.name):
+                return False
+            try:
+                with open(f"/sys/class/net/{h.veth}/operstate") as fh:
+                    if fh.read().strip() == "down":
+                        return False
+            except OSError:
+                return False
+        return True
+
+    def __call__(self, gpus=DEFAULT_GPUS, docker: bool = True, **kwargs) -> Fleet:
+        key = (tuple(gpus), bool(docker), tuple(sorted(kwargs.items())))
+        if self.current is not None and key == self._key and self._healthy(self.current):
+            return self.current
+        self.close()
+        f = Fleet(list(gpus), docker=docker, workdir=self._tmp.mktemp("fleet"), **kwargs)
+        f.up()
+        self.current, self._key = f, key
+        return f
+
+    def close(self) -> None:
+        if self.current is not None:
+            f, self.current, self._key = self.current, None, None
+            f.down()
+
+
+@pytest.fixture(scope="session")
+def fleet_factory(tmp_path_factory):
+    reason = fleet_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    factory = FleetFactory(tmp_path_factory)
+    try:
+        yield factory
+    finally:
+        factory.close()
+
+
+@pytest.fixture
+def fleet(fleet_factory) -> Fleet:
+    return fleet_factory(DEFAULT_GPUS, docker=True)
+
+
+@pytest.fixture
+def standin_image(fleet_factory) -> str:
+    f = fleet_factory.current
+    if f is None or not any(h.docker for h in f.hosts):
+        f = fleet_factory(DEFAULT_GPUS, docker=True)
+    if fleet_factory.image_info is None:
+        fleet_factory.image_info = ensure_standin_image(f)
+    return STANDIN_IMAGE
