@@ -14,10 +14,8 @@ from evalprov.config.loader import LoadedConfig
 from evalprov.config.models import SlurmExecution, VllmDeployment
 from evalprov.errors import ConfigError, Exit
 from evalprov.inventory import render
-from evalprov.plan import Plan
+from evalprov.plan import HostFacts, Plan, plan
 from evalprov.runner import RunResult, run_playbook
-
-SECRET_ENV = "EVALPROV_DEPLOYMENT_ENV"  # noqa: S105 - a variable name, not a value
 
 
 @dataclass
@@ -72,30 +70,58 @@ def output_root(loaded: LoadedConfig) -> Path:
     return Path(loaded.config.execution.output_dir).expanduser().resolve()
 
 
-def run(loaded: LoadedConfig, plan: Plan, opts: Options, playbook: str) -> tuple[RunResult, Path]:
+def needs_facts(loaded: LoadedConfig, hosts: list[HostFacts]) -> bool:
+    """instances_per_host: auto needs each host's GPU count before planning."""
+    config = loaded.config
+    return (isinstance(config.deployment, VllmDeployment)
+            and config.execution.instances_per_host == "auto"
+            and any(h.gpus is None for h in hosts))
+
+
+def gather_gpu_counts(run_dir: Path, inventories: list[str], hosts: list[HostFacts],
+                      opts: Options) -> list[HostFacts]:
+    """Run the read-only facts playbook; hosts that do not answer keep an unknown count
+    (the main run reports them)."""
+    print(f"gathering GPU facts from {len(hosts)} host(s) (instances_per_host: auto)",
+          file=sys.stderr)
+    result = run_playbook("facts.yml", run_dir / "facts", inventories, {}, None,
+                          limit=opts.limit, forks=opts.forks)
+    counts = {h: (f.get("gpus") or {}).get("count") for h, f in result.facts.items()}
+    return [HostFacts(h.name, counts.get(h.name, h.gpus)) for h in hosts]
+
+
+def run(loaded: LoadedConfig, hosts: list[HostFacts], opts: Options,
+        playbook: str) -> tuple[Plan, RunResult, Path]:
     check_supported(loaded)
     secret = deployment_env(loaded)
     run_dir = output_root(loaded) / new_run_id()
     run_dir.mkdir(parents=True, exist_ok=True)
     inventories = [opts.inventory] if opts.inventory else [local_inventory(run_dir)]
+    inventories = [str(Path(i).resolve()) for i in inventories]
+    if playbook == "site.yml" and needs_facts(loaded, hosts):
+        hosts = gather_gpu_counts(run_dir, inventories, hosts, opts)
+    the_plan = plan(loaded.config, hosts)
+    print(f"evalprov {playbook.removesuffix('.yml').replace('site', 'apply')}"
+          f"{' --check' if opts.check else ''}: {len(the_plan.hosts)} host(s), "
+          f"{len(the_plan.instances)} instance(s)", file=sys.stderr)
     logs = run_dir / "logs"
     result = run_playbook(
         playbook,
         run_dir,
-        [str(Path(i).resolve()) for i in inventories],
-        render(plan),
+        inventories,
+        render(the_plan),
         {"evalprov_health_log_dir": str(logs)},
         check=opts.check,
         diff=opts.diff,
         limit=opts.limit,
         tags=opts.tags,
         forks=opts.forks,
-        secret_env={SECRET_ENV: json.dumps(secret)} if secret else None,
+        secrets={"deployment_env": secret} if secret else None,
     )
     if result.facts:
         facts = run_dir / "facts.json"
         facts.write_text(json.dumps(result.facts, indent=2, sort_keys=True))
-    return result, run_dir
+    return the_plan, result, run_dir
 
 
 def summary(result: RunResult, check: bool) -> tuple[str, int]:
@@ -115,8 +141,8 @@ def summary(result: RunResult, check: bool) -> tuple[str, int]:
                 rows.append(f"would change on {host}: {item}")
     if failed:
         for host in failed:
-            for err in result.hosts[host].errors[:3]:
-                rows.append(f"error: {host}: {err}")
+            errors = result.hosts[host].errors or ["failed"]
+            rows.append(f"error: {host}: {errors[-1]}")
         code = Exit.FAILED
     elif result.status != "successful":
         rows.append(f"error: ansible run ended {result.status} (rc {result.rc}); see "

@@ -21,6 +21,16 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(Exit.USAGE)
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count of 1 or more")
+    return value
+
+
 def _dump(data: Any, fmt: str) -> str:
     if fmt == "json":
         return json.dumps(data, indent=2, default=list)
@@ -74,25 +84,17 @@ def cmd_inventory(args: argparse.Namespace) -> int:
 
 def _provision(args: argparse.Namespace, playbook: str) -> int:
     from evalprov import apply
+    from evalprov.hosts import host_facts
 
     loaded = _load(args)
-    from evalprov.hosts import host_facts
-    from evalprov.plan import plan
-
-    config = loaded.config
-    hosts = host_facts(config.execution.type, args.inventory, None, None, args.limit)
-    the_plan = plan(config, hosts)
+    hosts = host_facts(loaded.config.execution.type, args.inventory, None, None, args.limit)
     opts = apply.Options(args.inventory, getattr(args, "check", False),
                          getattr(args, "diff", False), args.limit, getattr(args, "tags", None),
                          args.forks)
-    what = "destroy" if playbook == "destroy.yml" else "apply"
-    mode = " --check" if opts.check else ""
-    print(f"evalprov {what}{mode}: {len(the_plan.hosts)} host(s), "
-          f"{len(the_plan.instances)} instance(s)", file=sys.stderr)
-    result, run_dir = apply.run(loaded, the_plan, opts, playbook)
+    _, result, run_dir = apply.run(loaded, hosts, opts, playbook)
     text, code = apply.summary(result, opts.check)
     print(text)
-    if code and what == "apply":
+    if code and playbook == "site.yml":
         print(f"next: fix the errors above, then run the same evalprov apply again "
               f"(logs under {run_dir})", file=sys.stderr)
     return code
@@ -194,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = config_cmd(name, help_, fn, ("text",))
         p.add_argument("-i", "--inventory", help="Ansible inventory of the GPU hosts")
         p.add_argument("--limit", help="host pattern, as ansible --limit")
-        p.add_argument("--forks", type=int, metavar="N", help="parallel hosts (ansible forks)")
+        p.add_argument("--forks", type=_positive, metavar="N",
+                       help="parallel hosts (ansible forks)")
         if name == "apply":
             p.add_argument("--check", action="store_true",
                            help="report what would change; change nothing")

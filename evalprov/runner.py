@@ -1,17 +1,20 @@
 """ansible-runner: a 0700 private data dir per run, the plan as inventory variables, live
 progress per host from runner events, and per-host results from runner stats.
 
-Secrets never go through ansible-runner's envvars/extravars (it writes those to files): they
-reach the playbook through this process's environment, read with lookup('env') under no_log.
+Secrets never touch a file: ansible-runner writes its envvars, extravars and even the whole
+environment of ansible-playbook (artifacts/<id>/command) to disk, so the run gets an
+allow-listed environment, and secret values travel through an anonymous in-memory file
+(memfd) that the playbook reads by its /proc path under no_log.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,6 +64,42 @@ def _private_dir(run_dir: Path) -> Path:
     for p in (run_dir, pdd):
         os.chmod(p, 0o700)
     return pdd
+
+
+# What ansible-playbook may inherit from the caller's environment (no secrets in these).
+ENV_ALLOW = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "TERM", "TZ", "TMPDIR",
+             "SSH_AUTH_SOCK", "VIRTUAL_ENV", "PYTHONPATH")
+ENV_ALLOW_PREFIX = ("ANSIBLE_", "EVALPROV_PLAYBOOKS_DIR", "EVALPROV_ROLES_DIR")
+
+
+@contextlib.contextmanager
+def clean_environ() -> Iterator[None]:
+    """Run with only allow-listed variables in os.environ (ansible-runner copies and records
+    it), restoring the caller's environment afterwards."""
+    saved = dict(os.environ)
+    keep = {k: v for k, v in saved.items() if k in ENV_ALLOW or k.startswith(ENV_ALLOW_PREFIX)}
+    os.environ.clear()
+    os.environ.update(keep)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+@contextlib.contextmanager
+def secret_channel(values: dict[str, Any] | None) -> Iterator[str]:
+    """A path ansible-playbook can read the secret values from (JSON), backed by memory only
+    and gone when the run ends; "" when there is nothing secret."""
+    if not values:
+        yield ""
+        return
+    fd = os.memfd_create("evalprov-secrets", 0)
+    try:
+        os.write(fd, json.dumps(values).encode())
+        yield f"/proc/{os.getpid()}/fd/{fd}"
+    finally:
+        os.close(fd)
 
 
 def ansible_env(pdd: Path, forks: int | None) -> dict[str, str]:
@@ -123,6 +162,11 @@ class Progress:
             hr.errors.append(msg)
             print(f"{t} {host:<20} FAILED       {task}: {msg}", file=self.out, flush=True)
             return True
+        if "censored" in res:  # no_log (secret values in the arguments): stats count it
+            hr.ok += 1
+            print(f"{t} {host:<20} {'done':<12} {task} (output hidden: it carries secrets)",
+                  file=self.out, flush=True)
+            return True
         changed = bool(res.get("changed"))
         if "gpus" in res and "docker" in res and "instances" in res:
             self.facts[host] = {k: res.get(k) for k in ("gpus", "docker", "ports_busy",
@@ -138,6 +182,8 @@ class Progress:
         else:
             hr.ok += 1
         word = ("would change" if self.check else "changed") if changed else "ok"
+        if task.startswith("Validating arguments against arg spec") and not changed:
+            return True
         print(f"{t} {host:<20} {word:<12} {task}", file=self.out, flush=True)
         if self.diff and changed:
             for d in _diffs(res):
@@ -145,19 +191,27 @@ class Progress:
         return True
 
 
+def _leaf_diffs(before: Any, after: Any, path: str) -> list[str]:
+    if before == after:
+        return []
+    if isinstance(before, dict) and isinstance(after, dict):
+        return [d for k in sorted(set(before) | set(after), key=str)
+                for d in _leaf_diffs(before.get(k), after.get(k), f"{path}.{k}" if path else k)]
+    if isinstance(before, list) and isinstance(after, list) and len(before) == len(after):
+        return [d for i, (b, a) in enumerate(zip(before, after, strict=True))
+                for d in _leaf_diffs(b, a, f"{path}[{i}]")]
+    return [f"{path or 'value'}: {json.dumps(before)} -> {json.dumps(after)}"]
+
+
 def _diffs(res: dict[str, Any]) -> list[str]:
+    """Only what differs, one leaf per line (e.g. ``command[13]: "4096" -> "2048"``)."""
     out = []
     for r in [res, *res.get("results", [])]:
         diff = r.get("diff")
         for d in diff if isinstance(diff, list) else [diff] if diff else []:
-            before, after = d.get("before"), d.get("after")
-            if isinstance(before, dict) and isinstance(after, dict):
-                for key in sorted(set(before) | set(after)):
-                    if before.get(key) != after.get(key):
-                        out.append(f"{key}: {json.dumps(before.get(key))} -> "
-                                   f"{json.dumps(after.get(key))}")
-            elif before != after:
-                out.append(f"{json.dumps(before)} -> {json.dumps(after)}")
+            label = r.get("_ansible_item_label")
+            prefix = f"[{label}] " if label else ""
+            out.extend(prefix + x for x in _leaf_diffs(d.get("before"), d.get("after"), ""))
     return out
 
 
@@ -173,25 +227,26 @@ def run_playbook(
     limit: str | None = None,
     tags: str | None = None,
     forks: int | None = None,
-    secret_env: dict[str, str] | None = None,
+    secrets: dict[str, Any] | None = None,
     progress: Callable[[dict[str, Any]], bool] | None = None,
 ) -> RunResult:
     import ansible_runner
 
     pdd = _private_dir(run_dir)
-    vars_file = pdd / "inventory" / "zz-evalprov-plan.yml"
-    vars_file.write_text(to_yaml(plan_vars))  # !unsafe: argv is never templated by Ansible
+    sources = list(inventories)
+    if plan_vars:
+        vars_file = pdd / "inventory" / "zz-evalprov-plan.yml"
+        vars_file.write_text(to_yaml(plan_vars))  # !unsafe: argv is never templated by Ansible
+        sources.append(str(vars_file))
     cmdline = " ".join(x for x in ("--check" if check else "", "--diff" if diff else "") if x)
     handler = progress or Progress(check=check, diff=diff)
-    saved = {k: os.environ.get(k) for k in (secret_env or {})}
-    os.environ.update(secret_env or {})
     t0 = time.monotonic()
-    try:
+    with secret_channel(secrets) as secrets_path, clean_environ():
         r = ansible_runner.run(
             private_data_dir=str(pdd),
             playbook=str(PLAYBOOKS / playbook),
-            inventory=[*inventories, str(vars_file)],
-            extravars=extravars or {},
+            inventory=sources,
+            extravars={**(extravars or {}), "evalprov_secrets_file": secrets_path},
             envvars=ansible_env(pdd, forks),
             cmdline=cmdline or None,
             limit=limit,
@@ -202,12 +257,6 @@ def run_playbook(
             suppress_env_files=True,
             rotate_artifacts=20,
         )
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     seconds = time.monotonic() - t0
     hosts = getattr(handler, "hosts", {})
     stats = r.stats or {}

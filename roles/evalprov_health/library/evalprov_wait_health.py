@@ -56,12 +56,14 @@ def container_state(name):
     if not docker:
         return None
     proc = subprocess.run([docker, "inspect", "--type", "container", "--format",
-                           "{{.State.Running}} {{.State.Status}} {{.State.ExitCode}}", name],
+                           "{{.State.Running}} {{.State.Status}} {{.State.ExitCode}} "
+                           "{{.RestartCount}}", name],
                           capture_output=True, text=True, timeout=20)
     if proc.returncode != 0:
-        return {"running": False, "status": "missing", "exit_code": None}
-    running, status, code = [*proc.stdout.split(), "", "", ""][:3]
-    return {"running": running == "true", "status": status, "exit_code": code}
+        return {"running": False, "status": "missing", "exit_code": None, "restarts": 0}
+    running, status, code, restarts = [*proc.stdout.split(), "", "", "", ""][:4]
+    return {"running": running == "true", "status": status, "exit_code": code,
+            "restarts": int(restarts or 0)}
 
 
 def ready(port, health_path, served):
@@ -95,7 +97,7 @@ def main():
         module.exit_json(changed=False, waited_for=sorted(pending), healthy=[])
     start = time.monotonic()
     deadline = start + p["timeout"]
-    healthy, why = {}, {}
+    healthy, why, restarts = {}, {}, {}
     while pending:
         for name, inst in list(pending.items()):
             ok, reason = ready(inst["port"], p["health_path"], p["served_model_name"])
@@ -105,10 +107,16 @@ def main():
                 continue
             why[name] = reason
             state = container_state(name)
-            if state is not None and not state["running"]:
+            if state is None:
+                continue
+            first = restarts.setdefault(name, state["restarts"])
+            # a restart policy brings an exited server back: a restart is an exit too
+            if not state["running"] or state["status"] == "restarting" \
+                    or state["restarts"] > first:
                 module.fail_json(
                     msg=f"instance {name} stopped before it became healthy (container "
-                        f"{state['status']}, exit code {state['exit_code']})",
+                        f"{state['status']}, exit code {state['exit_code']}, "
+                        f"{state['restarts']} restart(s))",
                     failed_instance=name, healthy=healthy, reason="exited")
         if not pending:
             break

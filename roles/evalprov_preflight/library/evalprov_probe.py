@@ -42,6 +42,18 @@ options:
     type: list
     elements: str
     default: []
+  gpus_required:
+    description: GPUs the plan uses on this host; fewer is a problem.
+    type: int
+    default: 0
+  min_disk_gib:
+    description: Free GiB required in each disk path and docker's root dir.
+    type: float
+    default: 1
+  host:
+    description: Host name used in problem messages.
+    type: str
+    default: this host
 author: evalprov
 """
 
@@ -171,6 +183,36 @@ def free_gib(path):
         return None
 
 
+def problems(p, facts):
+    """One sentence per problem: the host, the value, and the fix."""
+    host, out = p["host"], []
+    g, d = facts["gpus"], facts["docker"]
+    if p["gpus_required"] > g["count"]:
+        seen = g["error"] or "nvidia-smi"
+        out.append(f"host {host}: has {g['count']} GPUs ({seen}) but the plan needs "
+                   f"{p['gpus_required']}; lower tensor/pipeline/data parallel sizes or "
+                   "instances_per_host, or drop the host from the inventory")
+    if p["instances"] and not d["present"]:
+        out.append(f"host {host}: docker is not installed; install docker")
+    elif p["instances"] and not d["running"]:
+        out.append(f"host {host}: docker is installed but dockerd does not answer; start it")
+    if p["gpus_required"] > 0 and d["running"] and not d["nvidia_runtime"]:
+        out.append(f"host {host}: docker has no NVIDIA runtime (nvidia-container-runtime-hook "
+                   "not on PATH); install nvidia-container-toolkit and restart dockerd")
+    if facts["ports_busy"]:
+        ports = ", ".join(map(str, facts["ports_busy"]))
+        out.append(f"host {host}: port(s) {ports} already in use by something evalprov did "
+                   "not start; stop it or set deployment.port")
+    for path in facts["paths_missing"]:
+        out.append(f"host {host}: checkpoint_path {path} is not a directory on the host; copy "
+                   "the weights there or fix deployment.checkpoint_path")
+    for path, free in sorted(facts["disk_free_gib"].items()):
+        if free is not None and free < p["min_disk_gib"]:
+            out.append(f"host {host}: {path} has {free} GiB free, less than "
+                       f"{p['min_disk_gib']} GiB; free space there")
+    return out
+
+
 def main():
     module = AnsibleModule(
         argument_spec={
@@ -181,6 +223,9 @@ def main():
             "health_path": {"type": "str", "default": "/health"},
             "served_model_name": {"type": "str"},
             "disk_paths": {"type": "list", "elements": "str", "default": []},
+            "gpus_required": {"type": "int", "default": 0},
+            "min_disk_gib": {"type": "float", "default": 1},
+            "host": {"type": "str", "default": "this host"},
         },
         supports_check_mode=True,
     )
@@ -201,16 +246,15 @@ def main():
             and bool(c.get("running")),
             "serving": up,
         }
-    disks = {d: free_gib(d) for d in p["disk_paths"] + [docker["root_dir"]]}
-    module.exit_json(
-        changed=False,
-        gpus=gpus(),
-        docker=docker,
-        ports_busy=[port for port in p["ports"] if port not in ours and port_busy(port)],
-        paths_missing=[path for path in p["paths"] if not os.path.isdir(path)],
-        disk_free_gib=disks,
-        instances=instances,
-    )
+    facts = {
+        "gpus": gpus(),
+        "docker": docker,
+        "ports_busy": [port for port in p["ports"] if port not in ours and port_busy(port)],
+        "paths_missing": [path for path in p["paths"] if not os.path.isdir(path)],
+        "disk_free_gib": {d: free_gib(d) for d in p["disk_paths"] + [docker["root_dir"]]},
+        "instances": instances,
+    }
+    module.exit_json(changed=False, problems=problems(p, facts), **facts)
 
 
 if __name__ == "__main__":
