@@ -13,8 +13,9 @@ from evalprov.config.envvars import resolve_env
 from evalprov.config.loader import LoadedConfig
 from evalprov.config.models import SlurmExecution, VllmDeployment
 from evalprov.errors import ConfigError, Exit
-from evalprov.inventory import render
+from evalprov.inventory import render, task_vars
 from evalprov.plan import HostFacts, Plan, plan
+from evalprov.results import collect, write_atomic, write_summary
 from evalprov.runner import RunResult, run_playbook
 
 
@@ -56,6 +57,27 @@ def deployment_env(loaded: LoadedConfig) -> dict[str, str]:
     return resolve_env(specs, "deployment.env_vars")
 
 
+def task_env(loaded: LoadedConfig) -> dict[str, dict[str, str]]:
+    """Per task, the values of its env vars (top-level, then evaluation, then the task's own);
+    every missing controller variable is an error naming it and the task, before anything
+    starts."""
+    config = loaded.config
+    out, errors = {}, []
+    for i, task in enumerate(config.evaluation.tasks):
+        specs = {**config.env_vars, **config.evaluation.env_vars, **task.env_vars}
+        specs = {k: v for k, v in specs.items() if v.source != "runtime"}
+        try:
+            values = resolve_env(specs, f"evaluation.tasks.{i} ({task.name})")
+        except ConfigError as exc:
+            errors.extend(exc.lines)
+            continue
+        if values:
+            out[task.name] = values
+    if errors:
+        raise ConfigError(*errors)
+    return out
+
+
 def local_inventory(run_dir: Path) -> str:
     path = run_dir / "ansible" / "inventory" / "00-local.yml"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -94,7 +116,9 @@ def run(loaded: LoadedConfig, hosts: list[HostFacts], opts: Options,
         playbook: str) -> tuple[Plan, RunResult, Path]:
     check_supported(loaded)
     secret = deployment_env(loaded)
-    run_dir = output_root(loaded) / new_run_id()
+    per_task = task_env(loaded) if playbook == "site.yml" else {}
+    run_id = new_run_id()
+    run_dir = output_root(loaded) / run_id
     run_dir.mkdir(parents=True, exist_ok=True)
     inventories = [opts.inventory] if opts.inventory else [local_inventory(run_dir)]
     inventories = [str(Path(i).resolve()) for i in inventories]
@@ -110,17 +134,26 @@ def run(loaded: LoadedConfig, hosts: list[HostFacts], opts: Options,
         run_dir,
         inventories,
         render(the_plan),
-        {"evalprov_health_log_dir": str(logs)},
+        {"evalprov_health_log_dir": str(logs), "evalprov_eval_run_id": run_id,
+         "evalprov_eval_fetch_dir": str(run_dir / "fetch")},
         check=opts.check,
         diff=opts.diff,
         limit=opts.limit,
         tags=opts.tags,
         forks=opts.forks,
-        secrets={"deployment_env": secret} if secret else None,
+        secrets={"deployment_env": secret, "task_env": per_task} if secret or per_task
+        else None,
     )
     if result.facts:
-        facts = run_dir / "facts.json"
-        facts.write_text(json.dumps(result.facts, indent=2, sort_keys=True))
+        write_atomic(run_dir / "facts.json", json.dumps(result.facts, indent=2, sort_keys=True))
+    if playbook == "site.yml" and not opts.check and the_plan.task_runs:
+        tasks = {h.host: [task_vars(t) for t in h.tasks] for h in the_plan.hosts
+                 if h.tasks and (not opts.limit or h.host in result.hosts)}
+        unreachable = {h for h, r in result.hosts.items() if r.unreachable}
+        result.tasks = collect(run_dir, tasks, unreachable)
+        write_summary(run_dir, run_id, result.tasks, {
+            "config": loaded.source, "served_model_name": the_plan.served_model_name,
+            "hosts": sorted(result.hosts), "seconds": round(result.seconds, 1)})
     return the_plan, result, run_dir
 
 
@@ -135,6 +168,11 @@ def summary(result: RunResult, check: bool) -> tuple[str, int]:
         rows.append(f"{host:<24} {r.ok:>4} {r.changed:>8} {r.failed:>7} {r.unreachable:>8} "
                     f"{r.skipped:>8}  {status}")
     failed = result.failed_hosts
+    bad_tasks = [t for t in result.tasks if t["status"] != "succeeded"]
+    if result.tasks:
+        from evalprov.results import render as render_results
+        rows.append("")
+        rows.append(render_results({"tasks": result.tasks}, "table"))
     if check:
         for host in sorted(result.hosts):
             for item in result.hosts[host].would_change:
@@ -143,6 +181,8 @@ def summary(result: RunResult, check: bool) -> tuple[str, int]:
         for host in failed:
             errors = result.hosts[host].errors or ["failed"]
             rows.append(f"error: {host}: {errors[-1]}")
+        code = Exit.FAILED
+    elif bad_tasks:
         code = Exit.FAILED
     elif result.status != "successful":
         rows.append(f"error: ansible run ended {result.status} (rc {result.rc}); see "

@@ -108,6 +108,37 @@ def cmd_destroy(args: argparse.Namespace) -> int:
     return _provision(args, "destroy.yml")
 
 
+def _output_dir(args: argparse.Namespace):
+    from pathlib import Path
+
+    if args.config:
+        from evalprov.apply import output_root
+
+        return output_root(_load(args))
+    return Path(args.output_dir).expanduser().resolve()
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    from evalprov import results
+
+    run_dir = results.find_run(_output_dir(args), args.run)
+    summary = results.load_summary(run_dir)
+    print(results.render(summary, args.format))
+    if args.format == "table":
+        print(f"run {summary['run']}: {run_dir}", file=sys.stderr)
+    return Exit.OK
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from evalprov import results
+
+    run_dir = results.find_run(_output_dir(args), args.run)
+    for path in results.task_log(run_dir, args.host, args.task):
+        print(f"==> {path.relative_to(run_dir)} <==")
+        print(path.read_text(errors="replace"), end="")
+    return Exit.OK
+
+
 def cmd_ls_tasks(args: argparse.Namespace) -> int:
     from evalprov.config.tasks import task_table
     from evalprov.show import tasks_text
@@ -139,6 +170,9 @@ EPILOGS = {
     "apply": "examples:\n  evalprov apply CONFIG -i INVENTORY --check --diff\n"
              "  evalprov apply CONFIG -i INVENTORY --limit gpu-node-01 --forks 16",
     "destroy": "examples:\n  evalprov destroy CONFIG -i INVENTORY",
+    "results": "examples:\n  evalprov results\n  evalprov results 20261127-0912 --format md\n"
+               "  evalprov results -c CONFIG --format csv > scores.csv",
+    "logs": "examples:\n  evalprov logs 20261127-0912 --host gpu-node-01 --task ifeval",
     "ls": "examples:\n  evalprov ls tasks\n  evalprov ls tasks --harness simple_evals",
 }
 
@@ -203,6 +237,27 @@ def build_parser() -> argparse.ArgumentParser:
                            help="report what would change; change nothing")
             p.add_argument("--diff", action="store_true", help="show what changes")
             p.add_argument("--tags", help="only these role tags (preflight,image,vllm,health)")
+
+    for name, help_, fn in (
+        ("results", "show a run's scores: task, host, metric, score, samples, duration",
+         cmd_results),
+        ("logs", "print a task's harness log", cmd_logs),
+    ):
+        p = sub.add_parser(name, help=help_, description=help_, epilog=EPILOGS.get(name),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("run", nargs="?", help="run id (or its prefix, or the run's directory); "
+                       "default: the newest run")
+        p.add_argument("--output-dir", default="evalprov-results",
+                       help="the config's execution.output_dir (default ./evalprov-results)")
+        p.add_argument("-c", "--config", help="read output_dir from this config instead")
+        p.add_argument("-o", "--override", action="append", metavar="KEY=VALUE",
+                       help=argparse.SUPPRESS)
+        p.set_defaults(func=fn)
+        if name == "results":
+            p.add_argument("--format", choices=("table", "json", "csv", "md"), default="table")
+        else:
+            p.add_argument("--host", help="only this host")
+            p.add_argument("--task", help="only this task")
 
     ls = sub.add_parser("ls", help="list known things", epilog=EPILOGS["ls"],
                         formatter_class=argparse.RawDescriptionHelpFormatter)

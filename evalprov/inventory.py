@@ -44,6 +44,8 @@ def task_vars(run: TaskRun) -> dict[str, Any]:
         "instance": run.instance,
         "url": run.url,
         "env_names": list(run.env_names),
+        "run_config": run.run_config,
+        "volumes": list(run.volumes),
     }
 
 
@@ -57,6 +59,8 @@ def render(plan: Plan) -> dict[str, Any]:
         "evalprov_health_path": plan.health_path,
         "evalprov_health_timeout": plan.health_timeout,
         "evalprov_health_served_model_name": plan.served_model_name,
+        "evalprov_eval_concurrency": plan.eval_concurrency,
+        "evalprov_eval_work_dir": plan.work_dir,
     }
     hosts: dict[str, Any] = {}
     for hp in plan.hosts:
@@ -81,6 +85,9 @@ class _AnsibleDumper(yaml.SafeDumper):
     ``!unsafe`` so Ansible uses it as written instead of templating it (a
     `--chat-template '{% for m in messages %}...'` argument reaches vLLM unchanged, and
     `{{ lookup('pipe', ...) }}` in a config runs nothing on the controller)."""
+
+    def ignore_aliases(self, data: Any) -> bool:  # shared run configs are written out in full
+        return True
 
 
 def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:

@@ -7,12 +7,14 @@ which task, and a content hash of each instance's spec for idempotence.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
 import shlex
 from dataclasses import dataclass, field
 
+from evalprov.config.loader import deep_merge
 from evalprov.config.models import (
     Config,
     NoneDeployment,
@@ -22,6 +24,11 @@ from evalprov.config.models import (
 )
 from evalprov.config.tasks import TaskInfo, task_table
 from evalprov.errors import PlanError
+from evalprov.harness import ENDPOINT_TYPES, PARAM_KEYS, run_config
+
+# Where a task's directory is seen by the harness in its container; the role rewrites
+# config.output_dir for the process runtime.
+TASK_RESULTS_DIR = "/work/results"
 
 CHECKPOINT_MOUNT = "/checkpoint"
 HF_CACHE_MOUNT = "/root/.cache/huggingface"
@@ -80,6 +87,8 @@ class TaskRun:
     instance: str | None  # instance name, None for deployment: none
     url: str  # the endpoint the harness calls
     env_names: tuple[str, ...]
+    run_config: dict = field(default_factory=dict, compare=False)  # nemo-evaluator --run_config
+    volumes: tuple[str, ...] = ()  # dataset_dir mounted read-only at dataset_mount_path
 
     @property
     def id(self) -> str:
@@ -105,6 +114,8 @@ class Plan:
     health_timeout: int
     hosts: tuple[HostPlan, ...]
     notes: tuple[str, ...] = field(default=())
+    eval_concurrency: int = 1
+    work_dir: str = "/var/lib/evalprov"
 
     @property
     def instances(self) -> list[Instance]:
@@ -274,8 +285,33 @@ def _task_run(config: Config, task: Task, info: TaskInfo, host: str,
         assert isinstance(dep, VllmDeployment)
         url = inst.base_url + endpoint_path(dep, etype)
     env = _env_names(config.env_vars, config.evaluation.env_vars, task.env_vars)
+    volumes = (f"{task.dataset_dir}:{task.dataset_mount_path}:ro",) if task.dataset_dir else ()
     return TaskRun(task.name, info.name, info.harness, task.container or info.container, etype,
-                   host, inst.name if inst else None, url, env)
+                   host, inst.name if inst else None, url, env,
+                   task_run_config(config, task, info, etype, url), volumes)
+
+
+def task_run_config(config: Config, task: Task, info: TaskInfo, etype: str,
+                    url: str) -> dict:
+    """The harness's run config: generated (task, endpoint, model) with
+    evaluation.nemo_evaluator_config and then the task's own merged over it (NEL's order)."""
+    dep = config.deployment
+    ep = config.target.api_endpoint
+    model_id = dep.served_model_name if isinstance(dep, VllmDeployment) else ep.model_id
+    base = run_config(info.name, info.harness, url, model_id or "", etype
+                      if etype in ENDPOINT_TYPES else "chat", TASK_RESULTS_DIR,
+                      api_key_name=None if isinstance(dep, VllmDeployment) else ep.api_key_name)
+    merged = deep_merge(deep_merge(base, config.evaluation.nemo_evaluator_config),
+                        task.nemo_evaluator_config)
+    params = (merged.get("config") or {}).get("params") or {}
+    unknown = sorted(set(params) - PARAM_KEYS) if isinstance(params, dict) else ["<not a map>"]
+    if unknown:
+        raise PlanError(
+            f"task {task.name}: nemo_evaluator_config config.params.{unknown[0]} is not a "
+            f"harness parameter; use one of {', '.join(sorted(PARAM_KEYS))} (harness-specific "
+            "ones go under config.params.extra)"
+        )
+    return merged
 
 
 def assign_tasks(config: Config, hosts: list[HostFacts],
@@ -287,10 +323,17 @@ def assign_tasks(config: Config, hosts: list[HostFacts],
     if not hosts:
         return out
     if config.execution.placement == "every_host":
+        # hosts with the same instance layout get the same task runs but for the host name:
+        # build each (task, instance) once
+        made: dict[tuple, TaskRun] = {}
         for h in hosts:
             insts = instances.get(h.name) or (None,)
             for k, (task, info) in enumerate(tasks):
-                out[h.name].append(_task_run(config, task, info, h.name, insts[k % len(insts)]))
+                inst = insts[k % len(insts)]
+                key = (k, inst.name if inst else None, inst.port if inst else None)
+                if key not in made:
+                    made[key] = _task_run(config, task, info, h.name, inst)
+                out[h.name].append(dataclasses.replace(made[key], host=h.name))
         return out
     per_host_count = {h.name: 0 for h in hosts}
     for k, (task, info) in enumerate(tasks):
@@ -366,6 +409,8 @@ def plan(config: Config, hosts: list[HostFacts]) -> Plan:
         health_timeout=config.execution.health_timeout,
         hosts=host_plans,
         notes=tuple(notes),
+        eval_concurrency=config.execution.eval_concurrency,
+        work_dir=config.execution.work_dir,
     )
 
 

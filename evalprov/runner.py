@@ -52,6 +52,7 @@ class RunResult:
     facts: dict[str, Any]
     seconds: float
     private_data_dir: Path
+    tasks: list[dict[str, Any]] = field(default_factory=list)  # evaluation results
 
     @property
     def failed_hosts(self) -> list[str]:

@@ -139,13 +139,13 @@ def apply_override(data: dict[str, Any], path: list[str], value: Any, text: str)
 # --------------------------------------------------------------------------- composition
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
     for key, value in over.items():
         if value == MISSING and key in out:
             continue  # as OmegaConf: a missing value merged onto a set one leaves it set
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = deep_merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)
     return out
@@ -242,9 +242,9 @@ def compose(user: dict[str, Any], default_execution: str = "local") -> dict[str,
     composed = root
     for step in order:
         if step == "_self_":
-            composed = _merge(composed, user_body)
+            composed = deep_merge(composed, user_body)
         else:
-            composed = _merge(composed, {step: _packaged(step, choices[step])})
+            composed = deep_merge(composed, {step: _packaged(step, choices[step])})
     composed["defaults"] = [{g: choices[g]} for g in SUPPORTED] + ["_self_"]
     return composed
 

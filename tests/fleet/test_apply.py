@@ -34,7 +34,8 @@ def write_config(tmp_path: Path, **over) -> Path:
         "deployment": {"image": STANDIN_IMAGE, "hf_model_handle": "meta-llama/Llama-3.1-8B",
                        "served_model_name": SERVED, "tensor_parallel_size": 2,
                        "extra_args": "--max-model-len 4096"},
-        "evaluation": {"tasks": [{"name": "ifeval"}, {"name": "gpqa_diamond"}]},
+        # provisioning only: evaluation through apply is tests/fleet/test_eval.py
+        "evaluation": {"tasks": []},
     }
     for dotted, value in over.items():
         node = cfg

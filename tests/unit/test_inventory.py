@@ -66,6 +66,8 @@ def test_group_vars_are_the_run_wide_settings(fleet_plan):
         "evalprov_health_path": "/health",
         "evalprov_health_timeout": 900,
         "evalprov_health_served_model_name": "model",
+        "evalprov_eval_concurrency": 1,
+        "evalprov_eval_work_dir": "/var/lib/evalprov",
     }
 
 
@@ -102,9 +104,21 @@ def test_each_host_gets_its_preflight_checks(fleet_plan):
     assert hosts["gpu-a"]["evalprov_preflight_checkpoints"] == ["/models/llama"]
 
 
+def _run_config(task: str, harness: str, url: str, etype: str = "chat") -> dict:
+    return {"config": {"type": f"{harness}.{task}", "output_dir": "/work/results",
+                       "params": {}},
+            "target": {"api_endpoint": {"url": url, "model_id": "model", "type": etype}}}
+
+
 def test_each_host_gets_its_tasks(fleet_plan):
     hosts = render(fleet_plan)["all"]["hosts"]
-    assert hosts["gpu-a"]["evalprov_eval_tasks"] == [
+    tasks = [{k: v for k, v in t.items() if k not in ("run_config", "volumes")}
+             for t in hosts["gpu-a"]["evalprov_eval_tasks"]]
+    assert [t["run_config"] for t in hosts["gpu-a"]["evalprov_eval_tasks"]] == [
+        _run_config("ifeval", "lm-evaluation-harness", "http://127.0.0.1:8000/v1/chat/completions"),
+        _run_config("gpqa_diamond", "simple_evals", "http://127.0.0.1:8001/v1/chat/completions"),
+    ]
+    assert tasks == [
         {"name": "ifeval", "task": "ifeval", "harness": "lm-evaluation-harness",
          "container": "nvcr.io/nvidia/eval-factory/lm-evaluation-harness:26.03",
          "endpoint_type": "chat", "instance": "evalprov-vllm-0",
