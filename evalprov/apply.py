@@ -13,6 +13,7 @@ from evalprov.config.envvars import resolve_env
 from evalprov.config.loader import LoadedConfig
 from evalprov.config.models import SlurmExecution, VllmDeployment
 from evalprov.errors import ConfigError, Exit
+from evalprov.harness import SAMPLES_DIR
 from evalprov.inventory import render, task_vars
 from evalprov.plan import HostFacts, Plan, plan
 from evalprov.results import collect, write_atomic, write_summary
@@ -39,11 +40,6 @@ def check_supported(loaded: LoadedConfig) -> None:
         raise ConfigError(
             "execution.type: 'slurm' can be validated and planned, but apply does not run on "
             "Slurm yet; use execution baremetal (-i INVENTORY) or local"
-        )
-    if config.execution.runtime != "docker":
-        raise ConfigError(
-            f"execution.runtime: {config.execution.runtime!r} is not supported by apply yet; "
-            "use docker"
         )
 
 
@@ -135,7 +131,8 @@ def run(loaded: LoadedConfig, hosts: list[HostFacts], opts: Options,
         inventories,
         render(the_plan),
         {"evalprov_health_log_dir": str(logs), "evalprov_eval_run_id": run_id,
-         "evalprov_eval_fetch_dir": str(run_dir / "fetch")},
+         "evalprov_eval_fetch_dir": str(run_dir / "fetch"),
+         "evalprov_eval_samples_src": str(SAMPLES_DIR)},
         check=opts.check,
         diff=opts.diff,
         limit=opts.limit,

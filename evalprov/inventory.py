@@ -29,6 +29,7 @@ def instance_vars(inst: Instance) -> dict[str, Any]:
         # the same mounts and GPUs in the forms docker_container takes
         "volumes": [f"{m.source}:{m.target}:{'ro' if m.read_only else 'rw'}" for m in inst.mounts],
         "device_ids": [str(g) for g in inst.gpus],
+        "env": dict(inst.env),
         "env_names": list(inst.env_names),
         "spec_hash": inst.spec_hash,
     }
@@ -55,13 +56,23 @@ def render(plan: Plan) -> dict[str, Any]:
     images = sorted({i.image for i in plan.instances})
     common: dict[str, Any] = {
         "evalprov_runtime": plan.runtime,
-        "evalprov_image_name": images[0] if images else None,
+        "evalprov_image_name": images[0] if images and plan.runtime == "docker" else None,
         "evalprov_health_path": plan.health_path,
         "evalprov_health_timeout": plan.health_timeout,
         "evalprov_health_served_model_name": plan.served_model_name,
         "evalprov_eval_concurrency": plan.eval_concurrency,
         "evalprov_eval_work_dir": plan.work_dir,
     }
+    if plan.runtime == "process":
+        common.update({
+            "evalprov_vllm_state_dir": f"{plan.work_dir}/vllm",
+            "evalprov_vllm_venv": plan.vllm_venv,
+            "evalprov_vllm_package": plan.vllm_package,
+            "evalprov_vllm_cpu": plan.device == "cpu",
+            "evalprov_eval_harness_venv": plan.harness_venv,
+        })
+    if plan.sample_data:
+        common["evalprov_eval_sample_data"] = True
     hosts: dict[str, Any] = {}
     for hp in plan.hosts:
         checkpoints = sorted({i.model.ref for i in hp.instances if i.model.kind == "checkpoint"})

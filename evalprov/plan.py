@@ -70,6 +70,7 @@ class Instance:
     mounts: tuple[Mount, ...]
     env_names: tuple[str, ...]
     spec_hash: str
+    env: tuple[tuple[str, str], ...] = ()  # non-secret env the process runtime sets
 
     @property
     def base_url(self) -> str:
@@ -116,6 +117,11 @@ class Plan:
     notes: tuple[str, ...] = field(default=())
     eval_concurrency: int = 1
     work_dir: str = "/var/lib/evalprov"
+    device: str = "gpu"
+    vllm_venv: str = "/opt/evalprov/vllm-venv"
+    vllm_package: str = "vllm"
+    harness_venv: str = "/opt/evalprov/harness-venv"
+    sample_data: bool = False
 
     @property
     def instances(self) -> list[Instance]:
@@ -129,18 +135,21 @@ class Plan:
 # --------------------------------------------------------------------------- pieces
 
 
-def gpus_per_instance(dep: VllmDeployment) -> int:
+def gpus_per_instance(dep: VllmDeployment, device: str = "gpu") -> int:
+    if device == "cpu":
+        return 0
     return dep.tensor_parallel_size * dep.pipeline_parallel_size * dep.data_parallel_size
 
 
-def model_source(dep: VllmDeployment) -> ModelSource:
-    """An absolute checkpoint_path is mounted; an org/name in either field is an HF id.
-    (The models already rejected anything else.)"""
+def model_source(dep: VllmDeployment, runtime: str = "docker") -> ModelSource:
+    """An absolute checkpoint_path is mounted (served from where it is by the process
+    runtime); an org/name in either field is an HF id. (The models already rejected anything
+    else.)"""
     if dep.hf_model_handle:
         return ModelSource("hf", dep.hf_model_handle, dep.hf_model_handle)
     path = dep.checkpoint_path or ""
     if path.startswith("/"):
-        return ModelSource("checkpoint", path, CHECKPOINT_MOUNT)
+        return ModelSource("checkpoint", path, CHECKPOINT_MOUNT if runtime == "docker" else path)
     return ModelSource("hf", path, path)
 
 
@@ -164,7 +173,9 @@ def vllm_argv(dep: VllmDeployment, model: ModelSource, port: int) -> tuple[str, 
     )
 
 
-def mounts_for(model: ModelSource, hf_cache_dir: str) -> tuple[Mount, ...]:
+def mounts_for(model: ModelSource, hf_cache_dir: str, runtime: str = "docker") -> tuple[Mount, ...]:
+    if runtime != "docker":
+        return ()
     if model.kind == "checkpoint":
         return (Mount(model.ref, CHECKPOINT_MOUNT, True),)
     return (Mount(hf_cache_dir, HF_CACHE_MOUNT, False),)
@@ -178,7 +189,7 @@ def spec_hash(**spec: object) -> str:
 def instances_per_host(config: Config, gpus: int | None, need: int) -> int:
     wanted = config.execution.instances_per_host
     if wanted == "auto":
-        return max(1, (gpus or need) // need)
+        return max(1, (gpus or need) // need) if need else 1
     if isinstance(wanted, bool) or wanted < 1:
         raise PlanError(f"execution.instances_per_host: {wanted!r} plans no vLLM instance; use "
                         "1 or more, or auto")
@@ -209,6 +220,15 @@ def check_host_fits(host: HostFacts, need: int, count: int, dep: VllmDeployment,
     )
 
 
+def process_env(config: Config, gpus: tuple[int, ...]) -> tuple[tuple[str, str], ...]:
+    """What the process runtime sets for an instance (docker does it with --gpus and mounts):
+    its GPUs, and the HF cache."""
+    env = [("HF_HOME", config.execution.hf_cache_dir)]
+    if config.execution.device == "gpu":
+        env.append(("CUDA_VISIBLE_DEVICES", ",".join(map(str, gpus))))
+    return tuple(env)
+
+
 def container_name(index: int) -> str:
     return f"evalprov-vllm-{index}"
 
@@ -223,11 +243,12 @@ def _env_names(*maps: dict) -> tuple[str, ...]:
 def plan_instances(config: Config, host: HostFacts) -> tuple[Instance, ...]:
     dep = config.deployment
     assert isinstance(dep, VllmDeployment)
-    need = gpus_per_instance(dep)
+    runtime = config.execution.runtime
+    need = gpus_per_instance(dep, config.execution.device)
     count = instances_per_host(config, host.gpus, need)
     check_host_fits(host, need, count, dep, isinstance(config.execution, SlurmExecution))
-    model = model_source(dep)
-    mounts = mounts_for(model, config.execution.hf_cache_dir)
+    model = model_source(dep, runtime)
+    mounts = mounts_for(model, config.execution.hf_cache_dir, runtime)
     env_names = _env_names(config.env_vars, dep.env_vars)
     out = []
     for i in range(count):
@@ -240,17 +261,19 @@ def plan_instances(config: Config, host: HostFacts) -> tuple[Instance, ...]:
         gpus = tuple(range(i * need, (i + 1) * need))
         argv = vllm_argv(dep, model, port)
         name = container_name(i)
+        env = process_env(config, gpus) if runtime == "process" else ()
         digest = spec_hash(
-            image=dep.image,
+            image=dep.image if runtime == "docker" else config.execution.vllm_pip_spec,
             argv=argv,
             env=env_names,
             mounts=[(m.source, m.target, m.read_only) for m in mounts],
             gpus=gpus,
-            runtime=config.execution.runtime,
+            runtime=runtime,
+            **({"process_env": env} if env else {}),
         )
         out.append(
             Instance(host.name, i, name, port, gpus, argv, dep.image, model, mounts,
-                     env_names, digest)
+                     env_names, digest, env)
         )
     return tuple(out)
 
@@ -376,7 +399,7 @@ def plan(config: Config, hosts: list[HostFacts]) -> Plan:
     notes = []
     instances: dict[str, tuple[Instance, ...]] = {}
     if isinstance(dep, VllmDeployment):
-        need = gpus_per_instance(dep)
+        need = gpus_per_instance(dep, config.execution.device)
         errors = []
         for h in hosts:
             try:
@@ -411,6 +434,11 @@ def plan(config: Config, hosts: list[HostFacts]) -> Plan:
         notes=tuple(notes),
         eval_concurrency=config.execution.eval_concurrency,
         work_dir=config.execution.work_dir,
+        device=config.execution.device,
+        vllm_venv=config.execution.vllm_venv,
+        vllm_package=config.execution.vllm_pip_spec,
+        harness_venv=config.execution.harness_venv,
+        sample_data=config.execution.sample_data,
     )
 
 

