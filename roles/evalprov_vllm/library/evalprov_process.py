@@ -48,6 +48,7 @@ options:
 author: evalprov
 """
 
+import contextlib
 import json
 import os
 import signal
@@ -109,10 +110,8 @@ def stop_background(state, timeout):
     while time.monotonic() < deadline and pid_alive(pid):
         time.sleep(0.2)
     if pid_alive(pid):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     return True
 
 
