@@ -90,7 +90,8 @@ def _provision(args: argparse.Namespace, playbook: str) -> int:
     hosts = host_facts(loaded.config.execution.type, args.inventory, None, None, args.limit)
     opts = apply.Options(args.inventory, getattr(args, "check", False),
                          getattr(args, "diff", False), args.limit, getattr(args, "tags", None),
-                         args.forks)
+                         args.forks, getattr(args, "rerun", None),
+                         getattr(args, "skip_tags", None))
     _, result, run_dir = apply.run(loaded, hosts, opts, playbook)
     text, code = apply.summary(result, opts.check)
     print(text)
@@ -136,6 +137,24 @@ def cmd_logs(args: argparse.Namespace) -> int:
     for path in results.task_log(run_dir, args.host, args.task):
         print(f"==> {path.relative_to(run_dir)} <==")
         print(path.read_text(errors="replace"), end="")
+    return Exit.OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from evalprov.ledger import DB_NAME, Ledger
+    from evalprov.show import status_text
+
+    out = _output_dir(args)
+    if not (out / DB_NAME).exists():
+        raise EvalprovError(f"status: no ledger in {out}; give --output-dir (the config's "
+                            "execution.output_dir) or -c CONFIG")
+    ledger = Ledger(out)
+    try:
+        run = ledger.run(args.run)
+        print(status_text(run, ledger.deployments_of(run["run_id"]),
+                          ledger.tasks_of(run["run_id"])))
+    finally:
+        ledger.close()
     return Exit.OK
 
 
@@ -236,12 +255,19 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--check", action="store_true",
                            help="report what would change; change nothing")
             p.add_argument("--diff", action="store_true", help="show what changes")
-            p.add_argument("--tags", help="only these role tags (preflight,image,vllm,health)")
+            p.add_argument("--tags", help="only these role tags "
+                           "(preflight,image,vllm,health,eval)")
+            p.add_argument("--skip-tags", help="skip these role tags (e.g. eval)")
+            p.add_argument("--rerun", choices=("failed", "all"),
+                           help="failed: also redo tasks that failed before; all: redo every "
+                           "task as a new attempt (old results are kept)")
 
     for name, help_, fn in (
         ("results", "show a run's scores: task, host, metric, score, samples, duration",
          cmd_results),
         ("logs", "print a task's harness log", cmd_logs),
+        ("status", "show a run: every host, instance and task with state, attempt, timings",
+         cmd_status),
     ):
         p = sub.add_parser(name, help=help_, description=help_, epilog=EPILOGS.get(name),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -253,7 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("-o", "--override", action="append", metavar="KEY=VALUE",
                        help=argparse.SUPPRESS)
         p.set_defaults(func=fn)
-        if name == "results":
+        if name == "status":
+            pass
+        elif name == "results":
             p.add_argument("--format", choices=("table", "json", "csv", "md"), default="table")
         else:
             p.add_argument("--host", help="only this host")

@@ -53,6 +53,7 @@ class RunResult:
     seconds: float
     private_data_dir: Path
     tasks: list[dict[str, Any]] = field(default_factory=list)  # evaluation results
+    interrupted: bool = False
 
     @property
     def failed_hosts(self) -> list[str]:
@@ -124,8 +125,10 @@ def ansible_env(pdd: Path, forks: int | None) -> dict[str, str]:
 class Progress:
     """Turns runner events into one line per host per task (skips are counted, not shown)."""
 
-    def __init__(self, out=None, check: bool = False, diff: bool = False) -> None:
+    def __init__(self, out=None, check: bool = False, diff: bool = False,
+                 on_task_start: Callable[[str, str], None] | None = None) -> None:
         self.out = out or sys.stderr
+        self.on_task_start = on_task_start
         self.check = check
         self.diff = diff
         self.hosts: dict[str, HostResult] = {}
@@ -139,6 +142,8 @@ class Progress:
         kind = event.get("event", "")
         data = event.get("event_data") or {}
         host = data.get("host")
+        if kind == "runner_on_start" and host and self.on_task_start:
+            self.on_task_start(host, data.get("task", ""))
         if not host or kind not in ("runner_on_ok", "runner_on_failed", "runner_on_unreachable",
                                     "runner_on_skipped"):
             return True
@@ -227,9 +232,11 @@ def run_playbook(
     diff: bool = False,
     limit: str | None = None,
     tags: str | None = None,
+    skip_tags: str | None = None,
     forks: int | None = None,
     secrets: dict[str, Any] | None = None,
     progress: Callable[[dict[str, Any]], bool] | None = None,
+    cancel: Callable[[], bool] | None = None,
 ) -> RunResult:
     import ansible_runner
 
@@ -252,7 +259,9 @@ def run_playbook(
             cmdline=cmdline or None,
             limit=limit,
             tags=tags,
+            skip_tags=skip_tags,
             forks=forks,
+            cancel_callback=cancel,
             event_handler=handler,
             quiet=True,
             suppress_env_files=True,

@@ -87,3 +87,33 @@ def tasks_text(table: TaskTable, harness: str | None = None) -> str:
                    f"{t.container}{mark}")
     out.append(f"{len(rows)} tasks; a bare name runs on the first harness listed for it")
     return "\n".join(out)
+
+
+def _when(ts: float | None) -> str:
+    import time
+
+    return time.strftime("%H:%M:%S", time.localtime(ts)) if ts else "-"
+
+
+def status_text(run, deployments, tasks) -> str:
+    """A run from the ledger: header, instances, then every task attempt."""
+    lines = [f"run {run['run_id']}  {run['status']}  started {_when(run['started'])}  "
+             f"finished {_when(run['finished'])}  config {run['config']}"]
+    if deployments:
+        lines.append("")
+        lines.append(f"{'host':<20} {'instance':<18} {'port':>5}  {'status':<8} spec")
+        for d in deployments:
+            lines.append(f"{d['host']:<20} {d['instance']:<18} {d['port']:>5}  "
+                         f"{d['status']:<8} {d['spec_hash']}")
+    lines.append("")
+    lines.append(f"{'host':<20} {'task':<24} {'state':<12} {'try':>3} {'start':>8} "
+                 f"{'secs':>7} {'score':>7}  error")
+    for t in tasks:
+        secs = f"{t['seconds']:.1f}" if t["seconds"] is not None else "-"
+        score = f"{t['score']:.4f}" if t["score"] is not None else "-"
+        err = (t["error"] or "")[:120]
+        lines.append(f"{t['host']:<20} {t['task']:<24} {t['status']:<12} {t['attempt']:>3} "
+                     f"{_when(t['started']):>8} {secs:>7} {score:>7}  {err}")
+    if not tasks:
+        lines.append("(no task ran in this run)")
+    return "\n".join(lines)
