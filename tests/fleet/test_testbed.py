@@ -61,7 +61,7 @@ def test_three_hosts_plain_ssh(fleet):
             .split()
         )
         assert out == [h.hostname, "0", "/root", "0"], out
-        assert h.ip == f"10.213.77.1{h.index}"
+        assert h.ip == f"10.213.{fleet.net}.1{h.index}"
     # each host has its own /root, /tmp and /opt
     fleet.ssh("h1", "echo h1 > /root/marker && echo h1 > /tmp/marker && echo h1 > /opt/marker")
     r = fleet.ssh("h2", "cat /root/marker /tmp/marker /opt/marker", check=False)
@@ -70,7 +70,7 @@ def test_three_hosts_plain_ssh(fleet):
     # /etc/hosts knows the fleet; no route leaves the test subnet
     assert "fleet-h3" in fleet.ssh("h1", "getent hosts fleet-h3").stdout.decode()
     routes = fleet.ssh("h1", "ip route").stdout.decode()
-    assert "default" not in routes and "10.213.77.0/24" in routes
+    assert "default" not in routes and fleet.subnet in routes
 
 
 @pytest.mark.fleet
@@ -93,7 +93,7 @@ def test_ansible_runner_ping(fleet, tmp_path):
     yaml = pytest.importorskip("yaml")
     inv = yaml.safe_load(fleet.write_inventory(tmp_path / "inv.yml").read_text())
     hv = inv["all"]["hosts"]["h2"]
-    assert hv["ansible_host"] == "10.213.77.12" and hv["ansible_user"] == "root"
+    assert hv["ansible_host"] == f"10.213.{fleet.net}.12" and hv["ansible_user"] == "root"
     assert "ControlPath=" + str(fleet.control_path_dir) in hv["ansible_ssh_common_args"]
 
 
@@ -181,7 +181,7 @@ def test_standin_container_with_gpus(fleet, standin_image):
         assert "POST /v1/chat/completions" in logs
         # containers land in this host's own cgroup parent
         assert any(
-            os.path.isdir(f"/sys/fs/cgroup/{c}/evalprov-testbed-{host}")
+            os.path.isdir(f"/sys/fs/cgroup/{c}/{fleet.host(host).cgroup_parent}")
             for c in os.listdir("/sys/fs/cgroup")
         )
     finally:
@@ -270,7 +270,7 @@ def test_disconnect_and_reconnect_host(fleet):
 @pytest.mark.fleet
 def test_teardown_leaves_nothing(fleet_factory, standin_image, tmp_path):
     fleet_factory.close()
-    f = Fleet([8, 4, 2], docker=True, workdir=tmp_path / "fleet")
+    f = Fleet([8, 4, 2], docker=True, workdir=tmp_path / "fleet", net=fleet_factory.net)
     try:
         f.up()
         print(f"3 hosts with dockerd up in {f.timings['up']:.2f}s")
@@ -290,7 +290,7 @@ def test_teardown_leaves_nothing(fleet_factory, standin_image, tmp_path):
     print(f"teardown in {f.timings['down']:.2f}s")
     assert all(not pids_in_ns("pid", ns) for ns in pidns)
     for h in f.hosts:
-        assert not os.path.exists(f"/run/netns/{h.name}")
+        assert not os.path.exists(f"/run/netns/{h.netns}")
         assert not os.path.exists(f"/sys/class/net/{h.veth}")
         assert not any(
             os.path.exists(f"/sys/fs/cgroup/{c}/{h.cgroup_parent}")
@@ -302,11 +302,63 @@ def test_teardown_leaves_nothing(fleet_factory, standin_image, tmp_path):
     assert not [
         p for p in os.listdir("/proc") if p.isdigit() and str(cp) in " ".join(pid_cmdline(int(p)))
     ]
-    # the registry is gone too (no connection attempt: without the bridge, 10.213.77.1
+    # the registry is gone too (no connection attempt: without the bridge, 10.213.<net>.1
     # would be routed off the machine)
     assert registry_pid and not pid_alive(registry_pid)
     # a second down() is harmless
     f.down()
+
+
+def _free_net(avoid: int) -> int:
+    for net in range(254, 199, -1):
+        if net != avoid and not os.path.exists(f"/sys/class/net/evpbr{net}"):
+            return net
+    raise AssertionError("no free net in 200..254")
+
+
+@pytest.mark.fleet
+def test_two_fleets_on_different_nets_run_side_by_side(fleet, standin_image, tmp_path):
+    other = Fleet([2], docker=True, workdir=tmp_path / "other", net=_free_net(fleet.net))
+    try:
+        other.up()
+        mine, theirs = fleet.hosts[0], other.hosts[0]
+        assert mine.name == theirs.name == "h1"  # same inventory names ...
+        assert {mine.netns, mine.veth, mine.cgroup_parent}.isdisjoint(
+            {theirs.netns, theirs.veth, theirs.cgroup_parent}
+        )  # ... different kernel objects
+        assert theirs.ip == f"10.213.{other.net}.11" and other.bridge == f"evpbr{other.net}"
+        assert other.registry.addr == f"10.213.{other.net}.1:5000" != fleet.registry.addr
+        # each host reaches its own registry; the image pushed through one is served by the
+        # other too (shared storage)
+        other.ssh("h1", f"docker pull {standin_image}", timeout=120)
+        # the fleets cannot reach each other (no route between the subnets)
+        probe = f"python3 -c \"import socket; socket.create_connection(('{mine.ip}', 22), 2)\""
+        assert other.ssh("h1", probe, check=False).returncode != 0
+        assert fleet.ssh("h1", "hostname").stdout.decode().strip() == "fleet-h1"
+    finally:
+        other.down()
+    # tearing the other fleet down left this one whole
+    assert os.path.exists(f"/sys/class/net/{fleet.bridge}")
+    assert all(fleet.host_alive(h.name) for h in fleet.hosts)
+    assert fleet.ssh("h1", "docker info -f '{{.ServerVersion}}'").returncode == 0
+
+
+def test_net_names_and_environment_default(monkeypatch, tmp_path):
+    monkeypatch.setenv("EVALPROV_TESTBED_NET", "81")
+    f = Fleet([1], workdir=tmp_path / "f")
+    h = f.hosts[0]
+    assert (f.net, f.subnet, f.bridge, f.registry.addr) == (
+        81,
+        "10.213.81.0/24",
+        "evpbr81",
+        "10.213.81.1:5000",
+    )
+    assert (h.name, h.ip, h.netns, h.veth) == ("h1", "10.213.81.11", "evp81h1", "evp81-h1")
+    assert Fleet([1], workdir=tmp_path / "g", net=77).bridge == "evpbr77"
+    for bad in ("0", "255", "x"):
+        monkeypatch.setenv("EVALPROV_TESTBED_NET", bad)
+        with pytest.raises(ValueError, match="EVALPROV_TESTBED_NET"):
+            Fleet([1], workdir=tmp_path / "h")
 
 
 # ------------------------------------------ the stand-in server on its own (no root)

@@ -1,10 +1,10 @@
 """A fleet of fake GPU hosts on one machine, reachable over SSH, for Ansible.
 
-Each host ``hN`` is a network namespace joined to the bridge ``evpbr0``
-(10.213.77.1/24) by a veth, at 10.213.77.1N, running in its own PID, mount and
-UTS namespaces::
+Each host ``hN`` is a network namespace ``evp<net>hN`` joined to the bridge
+``evpbr<net>`` (10.213.<net>.1/24) by a veth ``evp<net>-hN``, at 10.213.<net>.1N,
+running in its own PID, mount and UTS namespaces::
 
-    nsenter --net=/run/netns/hN unshare --mount --uts --pid --mount-proc \
+    nsenter --net=/run/netns/evp<net>hN unshare --mount --uts --pid --mount-proc \
         --propagation private --kill-child=SIGKILL /usr/bin/tini -s -- sh -c INIT
 
 INIT gives the host its own hostname, /etc/hosts, empty resolv.conf, /root
@@ -14,7 +14,13 @@ on PATH via /usr/local/sbin, optionally dockerd (own /var/lib/docker, the local
 registry as Docker Hub mirror), and finally ``exec sshd -D``.  Everything else
 (/usr, /etc, Debian's python3) is the machine's own filesystem, shared.
 
-The namespaces have no default route: only 10.213.77.0/24 is reachable.
+The namespaces have no default route: only 10.213.<net>.0/24 is reachable.
+
+``net`` (the third octet, default 77, or ``$EVALPROV_TESTBED_NET``) keeps fleets
+apart: two fleets with different nets share nothing but the registry's storage
+directory (each has its own bridge, netns, veths, cgroups and registry process on
+its own 10.213.<net>.1:5000), so two test processes can run side by side.  Host
+*names* (h1, h2, ...) are the same in every net; only kernel object names differ.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import stubs
-from .registry import DEFAULT_REGISTRY_DIR, Registry
+from .registry import CACHE_ROOT, DEFAULT_REGISTRY_DIR, Registry
 from .util import (
     TestbedError,
     child_pids,
@@ -47,11 +53,9 @@ from .util import (
     wait_for,
 )
 
-SUBNET_PREFIX = "10.213.77"
-CONTROLLER_IP = f"{SUBNET_PREFIX}.1"
-BRIDGE = "evpbr0"
+DEFAULT_NET = 77
+NET_ENV = "EVALPROV_TESTBED_NET"
 REGISTRY_PORT = 5000
-REGISTRY_ADDR = f"{CONTROLLER_IP}:{REGISTRY_PORT}"
 HOSTNAME_PREFIX = "fleet"
 CGROUP_PREFIX = "evalprov-testbed"
 HOST_PYTHON = "/usr/bin/python3"
@@ -71,6 +75,60 @@ SSH_OPTS = (
 )
 
 
+def check_net(net: int) -> int:
+    """``net`` as an int in 1..254 (the third octet of 10.213.<net>.0/24), or ValueError."""
+    if isinstance(net, bool) or not isinstance(net, int) or not 1 <= net <= 254:
+        raise ValueError(f"net must be an integer 1..254 (10.213.<net>.0/24), not {net!r}")
+    return net
+
+
+def default_net() -> int:
+    """The net a fleet uses when none is given: ``$EVALPROV_TESTBED_NET`` or 77."""
+    text = os.environ.get(NET_ENV, "").strip()
+    if not text:
+        return DEFAULT_NET
+    try:
+        return check_net(int(text))
+    except ValueError:
+        raise ValueError(f"{NET_ENV}={text!r}: expected an integer 1..254") from None
+
+
+def subnet_prefix(net: int) -> str:
+    return f"10.213.{net}"
+
+
+def controller_ip(net: int) -> str:
+    return f"{subnet_prefix(net)}.1"
+
+
+def registry_addr(net: int) -> str:
+    return f"{controller_ip(net)}:{REGISTRY_PORT}"
+
+
+def bridge_name(net: int) -> str:
+    return f"evpbr{net}"
+
+
+def netns_name(net: int, host: str) -> str:
+    return f"evp{net}{host}"
+
+
+def veth_name(net: int, host: str) -> str:
+    """Controller end of the host's veth (the host end is ``evq<net>-hN`` until renamed eth0)."""
+    return f"evp{net}-{host}"
+
+
+def cgroup_parent(net: int, host: str) -> str:
+    return f"{CGROUP_PREFIX}-{netns_name(net, host)}"
+
+
+# The default net's names (what code that predates ``net`` imports).
+SUBNET_PREFIX = subnet_prefix(DEFAULT_NET)
+CONTROLLER_IP = controller_ip(DEFAULT_NET)
+BRIDGE = bridge_name(DEFAULT_NET)
+REGISTRY_ADDR = registry_addr(DEFAULT_NET)
+
+
 def _tool(name: str) -> str:
     for d in HOST_PATH.split(":"):
         p = os.path.join(d, name)
@@ -81,7 +139,8 @@ def _tool(name: str) -> str:
 
 @dataclass
 class Host:
-    """One fake host. ``name`` is the inventory name and netns name (h1, h2, ...)."""
+    """One fake host. ``name`` is the inventory name (h1, h2, ...); its kernel objects
+    (netns, veth, cgroup parent) are named after ``net`` + ``name``."""
 
     name: str
     index: int
@@ -95,6 +154,7 @@ class Host:
     init_pid: int | None = None  # tini, PID 1 inside the host
     pidns: int | None = None  # inode of the host's PID namespace
     gpu_uuids: list[str] = field(default_factory=list)
+    net: int = DEFAULT_NET
 
     @property
     def docker_sock(self) -> str:
@@ -107,17 +167,19 @@ class Host:
 
     @property
     def netns(self) -> str:
-        return self.name
+        return netns_name(self.net, self.name)
 
     @property
     def cgroup_parent(self) -> str:
-        return f"{CGROUP_PREFIX}-{self.name}"
+        return cgroup_parent(self.net, self.name)
 
 
 class Fleet:
     """N fake GPU hosts + the local registry. Use as a context manager or up()/down().
 
     ``gpus`` gives one entry per host: its GPU count (0 = no GPU stubs at all).
+    ``net`` is the third octet of the fleet's subnet 10.213.<net>.0/24 (default:
+    ``$EVALPROV_TESTBED_NET`` or 77); fleets with different nets can run at once.
     """
 
     def __init__(
@@ -129,22 +191,28 @@ class Fleet:
         registry: bool = True,
         registry_dir: str | os.PathLike = DEFAULT_REGISTRY_DIR,
         private_dirs: tuple[str, ...] | list[str] = DEFAULT_PRIVATE_DIRS,
-        bridge: str = BRIDGE,
+        bridge: str | None = None,
         start_timeout: float = 60.0,
+        net: int | None = None,
     ):
+        self.net = check_net(default_net() if net is None else net)
+        self.subnet = f"{subnet_prefix(self.net)}.0/24"
+        self.controller_ip = controller_ip(self.net)
         if not gpus:
             raise ValueError("a fleet needs at least one host")
         if len(gpus) > 99:
-            raise ValueError("at most 99 hosts (10.213.77.11 .. 10.213.77.199)")
+            raise ValueError(
+                f"at most 99 hosts ({subnet_prefix(self.net)}.11 .. {subnet_prefix(self.net)}.199)"
+            )
         self._owns_workdir = workdir is None
         if workdir is None:
             import tempfile
 
-            workdir = tempfile.mkdtemp(prefix="evp-fleet-", dir="/tmp")
+            workdir = tempfile.mkdtemp(prefix=f"evp-fleet{self.net}-", dir="/tmp")
         self.workdir = Path(workdir).resolve()
         if str(self.workdir).startswith("/run/"):
             raise ValueError("workdir must not be under /run (hidden inside the hosts)")
-        self.bridge = bridge
+        self.bridge = bridge or bridge_name(self.net)
         self.docker_enabled = docker
         self.registry_enabled = registry
         self.registry_dir = Path(registry_dir)
@@ -158,16 +226,19 @@ class Fleet:
                 Host(
                     name=name,
                     index=i,
-                    ip=f"{SUBNET_PREFIX}.1{i}",
+                    ip=f"{subnet_prefix(self.net)}.1{i}",
                     hostname=hostname,
                     gpus=int(k),
                     docker=docker,
                     dir=str(self.workdir / name),
-                    veth=f"evp-{name}",
+                    veth=veth_name(self.net, name),
                     gpu_uuids=stubs.gpu_uuids(hostname, int(k)),
+                    net=self.net,
                 )
             )
-        self.registry = Registry(REGISTRY_ADDR, storage=self.registry_dir, workdir=self.workdir)
+        self.registry = Registry(
+            registry_addr(self.net), storage=self.registry_dir, workdir=self.workdir
+        )
         self.is_up = False
         self.timings: dict[str, float] = {}
         self._cp_dir: Path | None = None
@@ -227,7 +298,7 @@ class Fleet:
         """Build bridge, registry and hosts; wait until sshd (and dockerd) answer."""
         t0 = time.monotonic()
         try:
-            cleanup_stale(self.bridge, [h.name for h in self.hosts])
+            cleanup_stale(self.net, [h.name for h in self.hosts], bridge=self.bridge)
             self.workdir.mkdir(parents=True, exist_ok=True)
             self.control_path_dir.mkdir(parents=True, exist_ok=True)
             self._keys()
@@ -458,6 +529,7 @@ class Fleet:
     def state(self) -> dict:
         return {
             "workdir": str(self.workdir),
+            "net": self.net,
             "bridge": self.bridge,
             "docker": self.docker_enabled,
             "registry": self.registry_enabled,
@@ -484,6 +556,7 @@ class Fleet:
             registry_dir=st["registry_dir"],
             private_dirs=st["private_dirs"],
             bridge=st["bridge"],
+            net=st.get("net", DEFAULT_NET),
         )
         for h, saved in zip(f.hosts, st["hosts"], strict=True):
             h.pid, h.init_pid, h.pidns = saved["pid"], saved["init_pid"], saved["pidns"]
@@ -492,7 +565,7 @@ class Fleet:
         return f
 
     def status(self) -> dict:
-        out = {"workdir": str(self.workdir), "bridge": self.bridge, "hosts": {}}
+        out = {"workdir": str(self.workdir), "net": self.net, "bridge": self.bridge, "hosts": {}}
         out["bridge_present"] = os.path.exists(f"/sys/class/net/{self.bridge}")
         out["registry"] = self.registry.url if self.registry_enabled else None
         for h in self.hosts:
@@ -528,14 +601,14 @@ class Fleet:
 
     def _bridge_up(self) -> None:
         run(["ip", "link", "add", self.bridge, "type", "bridge"])
-        run(["ip", "addr", "add", f"{CONTROLLER_IP}/24", "dev", self.bridge])
+        run(["ip", "addr", "add", f"{self.controller_ip}/24", "dev", self.bridge])
         run(["ip", "link", "set", self.bridge, "up"])
 
     def _etc_hosts(self) -> str:
         lines = [
             "127.0.0.1\tlocalhost",
             "::1\tlocalhost ip6-localhost ip6-loopback",
-            f"{CONTROLLER_IP}\t{HOSTNAME_PREFIX}-controller",
+            f"{self.controller_ip}\t{HOSTNAME_PREFIX}-controller",
         ]
         lines += [f"{h.ip}\t{h.hostname} {h.name}" for h in self.hosts]
         return "\n".join(lines) + "\n"
@@ -631,7 +704,8 @@ class Fleet:
                 "rm -f $B/docker.sock",
                 "dockerd --host unix:///run/docker.sock --host unix://$B/docker.sock"
                 " --data-root /var/lib/docker --exec-root /run/docker --pidfile /run/docker.pid"
-                f" --registry-mirror http://{REGISTRY_ADDR} --insecure-registry {REGISTRY_ADDR}"
+                f" --registry-mirror http://{self.registry.addr}"
+                f" --insecure-registry {self.registry.addr}"
                 f" --cgroup-parent /{h.cgroup_parent} --log-level warn"
                 " >>$B/dockerd.log 2>&1 </dev/null &",
             ]
@@ -643,7 +717,7 @@ class Fleet:
         return "\n".join(lines)
 
     def _net_up(self, h: Host) -> None:
-        peer = f"evq-{h.name}"
+        peer = f"evq{self.net}-{h.name}"
         run(["ip", "netns", "add", h.netns])
         run(["ip", "link", "add", h.veth, "type", "veth", "peer", "name", peer])
         run(["ip", "link", "set", h.veth, "master", self.bridge, "up"])
@@ -783,39 +857,79 @@ def _clean_cgroups(parent: str, *, timeout: float = 10.0) -> None:
             time.sleep(0.1)
 
 
-def cleanup_stale(bridge: str = BRIDGE, names: list[str] | None = None) -> list[str]:
-    """Remove what a crashed earlier fleet left: processes in its netns, veths,
-    netns, bridge, registry, cgroups. Returns what was removed."""
-    removed = []
-    if names is None:
-        names = (
-            [n for n in os.listdir("/run/netns") if n[:1] == "h" and n[1:].isdigit()]
-            if os.path.isdir("/run/netns")
-            else []
+# Names a net-77 fleet used before fleets had a ``net``: netns hN, veth evp-hN, bridge evpbr0,
+# cgroup parent evalprov-testbed-hN. cleanup_stale(77) removes those leftovers too.
+_LEGACY_BRIDGE = "evpbr0"
+
+
+def _stale_netns(net: int) -> list[str]:
+    """Host names (h1, ...) whose netns for ``net`` exists."""
+    prefix = netns_name(net, "h")
+    if not os.path.isdir("/run/netns"):
+        return []
+    return [
+        n[len(prefix) - 1 :]
+        for n in os.listdir("/run/netns")
+        if n.startswith(prefix) and n[len(prefix) :].isdigit()
+    ]
+
+
+def _legacy_netns() -> list[str]:
+    if not os.path.isdir("/run/netns"):
+        return []
+    return [n for n in os.listdir("/run/netns") if n[:1] == "h" and n[1:].isdigit()]
+
+
+def _kill_netns(name: str) -> bool:
+    """Kill what runs in netns ``name`` and delete it; False if it did not exist."""
+    path = f"/run/netns/{name}"
+    if not os.path.exists(path):
+        return False
+    ino = ns_inode(path)
+    pids = pids_in_ns("net", ino) if ino is not None else []
+    # Killing the tini of each PID namespace takes everything in it along.
+    for pid in pids:
+        signal_quiet(pid)
+    if pids:
+        wait_for(
+            lambda: not pids_in_ns("net", ino),
+            timeout=15,
+            what=f"stale processes in netns {name}",
         )
-    for name in names:
-        path = f"/run/netns/{name}"
-        if os.path.exists(path):
-            ino = ns_inode(path)
-            pids = pids_in_ns("net", ino) if ino is not None else []
-            # Killing the tini of each PID namespace takes everything in it along.
-            for pid in pids:
-                signal_quiet(pid)
-            if pids:
-                wait_for(
-                    lambda ino=ino: not pids_in_ns("net", ino),
-                    timeout=15,
-                    what=f"stale processes in netns {name}",
-                )
-            run(["ip", "netns", "del", name], timeout=10, check=False)
-            removed.append(f"netns {name}")
-        veth = f"evp-{name}"
+    run(["ip", "netns", "del", name], timeout=10, check=False)
+    return True
+
+
+def cleanup_stale(
+    net: int | None = None, hosts: list[str] | None = None, *, bridge: str | None = None
+) -> list[str]:
+    """Remove what a crashed earlier fleet on ``net`` left: processes in its netns,
+    veths, netns, bridge, registry, cgroups. Fleets on other nets are untouched.
+    ``hosts`` are host names (h1, ...) to clean besides every netns of this net that exists.
+    Returns what was removed."""
+    net = check_net(default_net() if net is None else net)
+    bridge = bridge or bridge_name(net)
+    removed = []
+    hosts = sorted(set(hosts or ()) | set(_stale_netns(net)))
+    objects = [(netns_name(net, h), veth_name(net, h), cgroup_parent(net, h)) for h in hosts]
+    bridges = [bridge]
+    if net == DEFAULT_NET:
+        legacy = sorted(set(hosts) | set(_legacy_netns()))
+        objects += [(n, f"evp-{n}", f"{CGROUP_PREFIX}-{n}") for n in legacy]
+        bridges.append(_LEGACY_BRIDGE)
+    for ns, veth, cgroup in objects:
+        if _kill_netns(ns):
+            removed.append(f"netns {ns}")
         if os.path.exists(f"/sys/class/net/{veth}"):
             _del_link(veth)
             removed.append(f"link {veth}")
-        _clean_cgroups(f"{CGROUP_PREFIX}-{name}")
-    if os.path.exists(f"/sys/class/net/{bridge}"):
-        _del_link(bridge)
-        removed.append(f"bridge {bridge}")
-    Registry(REGISTRY_ADDR, workdir=Path("/tmp")).stop_stale()
+        _clean_cgroups(cgroup)
+    for br in bridges:
+        if os.path.exists(f"/sys/class/net/{br}"):
+            _del_link(br)
+            removed.append(f"bridge {br}")
+    stale_registry = Registry(registry_addr(net), workdir=Path("/tmp"))
+    stale_registry.stop_stale()
+    if net == DEFAULT_NET:
+        stale_registry.stop_stale(CACHE_ROOT / "registry.pid")
     return removed

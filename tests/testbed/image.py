@@ -4,8 +4,8 @@ The rootfs is made from this machine's own Debian python3.11 (binary, stdlib,
 the shared libraries ldd names), busybox-static, and a ``vllm`` launcher that
 runs standin/server.py.  ``docker import`` (with ENTRYPOINT []) happens in one
 fake host's dockerd, driven from the controller through that dockerd's socket
-in the host dir; the image is pushed as
-``10.213.77.1:5000/vllm/vllm-openai:evalprov-standin`` so that a fake host's
+in the host dir; the image is pushed to the fleet's registry as
+``10.213.<net>.1:5000/vllm/vllm-openai:evalprov-standin`` so that a fake host's
 ``docker pull vllm/vllm-openai:evalprov-standin`` is served by the mirror.
 
 The tar is deterministic for a given machine (sorted entries, uid 0, package
@@ -31,7 +31,7 @@ from .util import TestbedError, run
 STANDIN_REPO = "vllm/vllm-openai"
 STANDIN_TAG = "evalprov-standin"
 STANDIN_IMAGE = f"{STANDIN_REPO}:{STANDIN_TAG}"
-REGISTRY_PREFIX = "10.213.77.1:5000"
+REGISTRY_PREFIX = "10.213.77.1:5000"  # the default net's registry; a fleet's is fleet.registry.addr
 STANDIN_REGISTRY_REF = f"{REGISTRY_PREFIX}/{STANDIN_IMAGE}"
 
 SERVER_PY = Path(__file__).resolve().parent / "standin" / "server.py"
@@ -231,7 +231,7 @@ def build_rootfs(out: Path) -> str:
     tb.file("/etc/os-release", data=b'NAME="evalprov stand-in"\nID=evalprov-standin\n')
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".partial")
+    tmp = out.with_suffix(f".partial-{os.getpid()}")  # fleets in other processes build too
     h = hashlib.sha256()
 
     class _Hashing(io.RawIOBase):
@@ -255,7 +255,7 @@ def import_and_push(
     fleet, tar: Path, refs: list[str], changes: list[str], builder: str | None = None
 ) -> dict[str, float]:
     """``docker import`` ``tar`` on a fake host's dockerd, tag it as every ref in
-    ``refs`` (registry refs, 10.213.77.1:5000/...), push them, remove them again
+    ``refs`` (registry refs, 10.213.<net>.1:5000/...), push them, remove them again
     from that host. Returns timings."""
     if builder is None:
         docker_hosts = [h.name for h in fleet.hosts if h.docker]
@@ -288,9 +288,10 @@ def ensure_standin_image(fleet, *, force: bool = False, builder: str | None = No
     t_build = time.monotonic() - t0
     content_tag = f"{STANDIN_TAG}-{sha[:12]}"
     reg = fleet.registry
+    prefix = reg.addr
     info = {
         "image": STANDIN_IMAGE,
-        "registry_ref": STANDIN_REGISTRY_REF,
+        "registry_ref": f"{prefix}/{STANDIN_IMAGE}",
         "content_tag": content_tag,
         "built": False,
         "build_s": round(t_build, 3),
@@ -304,7 +305,7 @@ def ensure_standin_image(fleet, *, force: bool = False, builder: str | None = No
     timings = import_and_push(
         fleet,
         tar,
-        [STANDIN_REGISTRY_REF, f"{REGISTRY_PREFIX}/{STANDIN_REPO}:{content_tag}"],
+        [f"{prefix}/{STANDIN_IMAGE}", f"{prefix}/{STANDIN_REPO}:{content_tag}"],
         IMAGE_CHANGES,
         builder=builder,
     )

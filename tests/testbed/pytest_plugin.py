@@ -3,9 +3,12 @@
 Register with ``pytest_plugins = ["tests.testbed.pytest_plugin"]`` in the root conftest.
 
 Fixtures:
-  fleet_factory   session: ``fleet_factory(gpus=[8, 4, 2], docker=True, **Fleet kwargs)``
-                  returns a running Fleet. Only one fleet exists at a time (fixed bridge
-                  and addresses): asking for a different spec tears the previous one down;
+  fleet_factory   session: ``fleet_factory(gpus=[8, 4, 2], docker=True, net=None,
+                  **Fleet kwargs)`` returns a running Fleet on 10.213.<net>.0/24 (net
+                  None: the session's net, ``fleet_factory.net``: $EVALPROV_TESTBED_NET
+                  or 77 — set the variable to run two pytest sessions side by side).
+                  One fleet per session at a time: asking for a different spec tears
+                  the previous one down;
                   asking for the same spec again returns the running one (rebuilt if a
                   test left a host killed or disconnected). ``fleet_factory.close()``
                   tears down the current fleet. Everything is torn down at session end.
@@ -24,7 +27,7 @@ import subprocess
 
 import pytest
 
-from .fleet import Fleet
+from .fleet import Fleet, check_net, default_net
 from .image import STANDIN_IMAGE, ensure_standin_image
 
 DEFAULT_GPUS = (8, 4, 2)
@@ -54,6 +57,7 @@ def fleet_skip_reason() -> str | None:
 class FleetFactory:
     def __init__(self, tmp_path_factory):
         self._tmp = tmp_path_factory
+        self.net = default_net()
         self.current: Fleet | None = None
         self._key: tuple | None = None
         self.image_info: dict | None = None
@@ -72,12 +76,15 @@ class FleetFactory:
                 return False
         return True
 
-    def __call__(self, gpus=DEFAULT_GPUS, docker: bool = True, **kwargs) -> Fleet:
-        key = (tuple(gpus), bool(docker), tuple(sorted(kwargs.items())))
+    def __call__(
+        self, gpus=DEFAULT_GPUS, docker: bool = True, net: int | None = None, **kwargs
+    ) -> Fleet:
+        net = self.net if net is None else check_net(net)
+        key = (tuple(gpus), bool(docker), net, tuple(sorted(kwargs.items())))
         if self.current is not None and key == self._key and self._healthy(self.current):
             return self.current
         self.close()
-        f = Fleet(list(gpus), docker=docker, workdir=self._tmp.mktemp("fleet"), **kwargs)
+        f = Fleet(list(gpus), docker=docker, net=net, workdir=self._tmp.mktemp("fleet"), **kwargs)
         f.up()
         self.current, self._key = f, key
         return f

@@ -1,8 +1,9 @@
 """The local Docker registry that serves as the fake hosts' Docker Hub mirror.
 
 ``docker-registry serve CFG`` (Debian package docker-registry) listens on
-10.213.77.1:5000 with its storage in a persistent cache directory, so images
-pushed once survive between test runs on the same machine.  The fake hosts'
+10.213.<net>.1:5000 (one process per fleet) with its storage in a persistent
+cache directory that every fleet's registry shares, so images pushed once survive
+between test runs on the same machine.  The fake hosts'
 dockerds use it as ``--registry-mirror``: ``docker pull vllm/vllm-openai:TAG``
 is served from the repository ``vllm/vllm-openai`` here (official images live
 under ``library/``).
@@ -44,7 +45,7 @@ class Registry:
         self.workdir = Path(workdir)
         self.config = self.workdir / "registry.yml"
         self.log = self.workdir / "registry.log"
-        self.pidfile = CACHE_ROOT / "registry.pid"
+        self.pidfile = CACHE_ROOT / f"registry-{self.host}-{self.port}.pid"
         self.pid: int | None = None
 
     @property
@@ -70,15 +71,17 @@ class Registry:
         argv = pid_cmdline(pid)
         return bool(argv) and argv[0].endswith("docker-registry") and "serve" in argv
 
-    def stop_stale(self) -> None:
-        """Stop a registry a previous (crashed) fleet left running."""
+    def stop_stale(self, pidfile: Path | None = None) -> None:
+        """Stop a registry a previous (crashed) fleet on this address left running
+        (``pidfile``: where it recorded its pid, default this address's pidfile)."""
+        pidfile = pidfile or self.pidfile
         try:
-            pid = int(self.pidfile.read_text().strip())
+            pid = int(pidfile.read_text().strip())
         except (OSError, ValueError):
             return
         if pid_alive(pid) and self._is_registry(pid):
             _terminate(pid)
-        self.pidfile.unlink(missing_ok=True)
+        pidfile.unlink(missing_ok=True)
 
     def start(self, *, timeout: float = 15.0) -> None:
         self.stop_stale()
