@@ -66,8 +66,11 @@ def direct(tmp: Path) -> dict[str, float]:
                              run.run_config["config"].get("params"))
             path = write_run_config(cfg, tmp / run.name / "run_config.yml")
             inv = invocation(path)
-            subprocess.run(inv.argv, env=inv.env, cwd=inv.cwd, check=True,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            proc = subprocess.run(inv.argv, env=inv.env, cwd=inv.cwd, capture_output=True,
+                                  text=True)
+            if proc.returncode != 0:
+                raise SystemExit(f"harness failed for {run.name}:\n{proc.stdout[-3000:]}"
+                                 f"{proc.stderr[-3000:]}")
 
         t1 = time.monotonic()
         with ThreadPoolExecutor(max_workers=2) as pool:
