@@ -213,25 +213,30 @@ def _run_locked(loaded, hosts, opts, playbook, secret, per_task, out, ledger):
                         on_task_start=lambda host, task: ledger.mark_running(run_id, host)
                         if record and task.startswith("Eval | Run") else None)
     with Interrupt() as interrupt:
-        result = run_playbook(
-            playbook,
-            run_dir,
-            inventories,
-            render(the_plan),
-            {"evalprov_health_log_dir": str(run_dir / "logs"), "evalprov_eval_run_id": run_id,
-             "evalprov_eval_fetch_dir": str(run_dir / "fetch"),
-             "evalprov_eval_samples_src": str(SAMPLES_DIR)},
-            check=opts.check,
-            diff=opts.diff,
-            limit=opts.limit,
-            tags=opts.tags,
-            skip_tags=opts.skip_tags,
-            forks=opts.forks,
-            secrets={"deployment_env": secret, "task_env": per_task} if secret or per_task
-            else None,
-            progress=progress,
-            cancel=lambda: interrupt.hit,
-        )
+        try:
+            result = run_playbook(
+                playbook,
+                run_dir,
+                inventories,
+                render(the_plan),
+                {"evalprov_health_log_dir": str(run_dir / "logs"), "evalprov_eval_run_id": run_id,
+                 "evalprov_eval_fetch_dir": str(run_dir / "fetch"),
+                 "evalprov_eval_samples_src": str(SAMPLES_DIR)},
+                check=opts.check,
+                diff=opts.diff,
+                limit=opts.limit,
+                tags=opts.tags,
+                skip_tags=opts.skip_tags,
+                forks=opts.forks,
+                secrets={"deployment_env": secret, "task_env": per_task} if secret or per_task
+                else None,
+                progress=progress,
+                cancel=lambda: interrupt.hit,
+            )
+        except KeyboardInterrupt:  # Ctrl-C again: stop now, but leave no run 'running'
+            if record:
+                ledger.finish_run(run_id, "interrupted")
+            raise
         result.interrupted = interrupt.hit
     if result.facts:
         write_atomic(run_dir / "facts.json", json.dumps(result.facts, indent=2, sort_keys=True))
