@@ -102,14 +102,37 @@ def needs_facts(loaded: LoadedConfig, hosts: list[HostFacts]) -> bool:
             and any(h.gpus is None for h in hosts))
 
 
+def cached_gpu_counts(out: Path) -> dict[str, int]:
+    """GPU counts from the newest facts.json of earlier runs (every apply writes one from its
+    probe); preflight checks them against nvidia-smi, so a stale count fails cleanly and the
+    next apply re-plans with the fresh one."""
+    counts: dict[str, int] = {}
+    for facts in sorted(out.glob("*/facts.json")):
+        try:
+            data = json.loads(facts.read_text())
+        except (OSError, ValueError):
+            continue
+        for host, f in data.items():
+            count = (f.get("gpus") or {}).get("count") if isinstance(f, dict) else None
+            if isinstance(count, int):
+                counts[host] = count
+    return counts
+
+
 def gather_gpu_counts(run_dir: Path, inventories: list[str], hosts: list[HostFacts],
                       opts: Options) -> list[HostFacts]:
-    """Run the read-only facts playbook; hosts that do not answer keep an unknown count
-    (the main run reports them)."""
-    print(f"gathering GPU facts from {len(hosts)} host(s) (instances_per_host: auto)",
+    """GPU counts for planning instances_per_host: auto: cached from earlier runs, else from
+    the read-only facts playbook for just the hosts without one; hosts that do not answer
+    keep an unknown count (the main run reports them)."""
+    cached = cached_gpu_counts(run_dir.parent)
+    hosts = [HostFacts(h.name, cached.get(h.name)) if h.gpus is None else h for h in hosts]
+    missing = [h.name for h in hosts if h.gpus is None]
+    if not missing:
+        return hosts
+    print(f"gathering GPU facts from {len(missing)} host(s) (instances_per_host: auto)",
           file=sys.stderr)
     result = run_playbook("facts.yml", run_dir / "facts", inventories, {}, None,
-                          limit=opts.limit, forks=opts.forks)
+                          limit=",".join(missing), forks=opts.forks)
     counts = {h: (f.get("gpus") or {}).get("count") for h, f in result.facts.items()}
     return [HostFacts(h.name, counts.get(h.name, h.gpus)) for h in hosts]
 
@@ -196,6 +219,8 @@ def _run_locked(loaded, hosts, opts, playbook, secret, per_task, out, ledger):
     if playbook == "site.yml" and needs_facts(loaded, hosts):
         hosts = gather_gpu_counts(run_dir, inventories, hosts, opts)
     the_plan = plan(loaded.config, hosts)
+    if opts.forks is None:  # every host at once (Ansible's default of 5 runs waves)
+        opts = dataclasses.replace(opts, forks=max(5, min(len(the_plan.hosts), 50)))
     evaluating = playbook == "site.yml" and "eval" not in (opts.skip_tags or "")
     to_run: list = []
     reused: list[dict[str, Any]] = []

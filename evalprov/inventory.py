@@ -82,6 +82,7 @@ def render(plan: Plan) -> dict[str, Any]:
                 max((g for i in hp.instances for g in i.gpus), default=-1) + 1
             ),
             "evalprov_preflight_ports": [i.port for i in hp.instances],
+            "evalprov_preflight_gpus_expected": hp.gpus_total,
             "evalprov_preflight_checkpoints": checkpoints,
             "evalprov_preflight_disk_paths": sorted(
                 {m.source for i in hp.instances for m in i.mounts if not m.read_only}

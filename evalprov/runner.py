@@ -160,6 +160,10 @@ class Progress:
             hr.errors.append(f"unreachable: {msg}")
             print(f"{t} {host:<20} UNREACHABLE  {task}: {msg}", file=self.out, flush=True)
             return True
+        if "gpus" in res and "docker" in res and "instances" in res:
+            self.facts[host] = {k: res.get(k) for k in ("gpus", "docker", "ports_busy",
+                                                        "paths_missing", "disk_free_gib",
+                                                        "instances")}
         if kind == "runner_on_failed":
             if data.get("ignore_errors"):
                 return True
@@ -174,10 +178,6 @@ class Progress:
                   file=self.out, flush=True)
             return True
         changed = bool(res.get("changed"))
-        if "gpus" in res and "docker" in res and "instances" in res:
-            self.facts[host] = {k: res.get(k) for k in ("gpus", "docker", "ports_busy",
-                                                        "paths_missing", "disk_free_gib",
-                                                        "instances")}
         if changed:
             hr.changed += 1
             items = [r.get("_ansible_item_label") or r.get("item") for r in

@@ -124,6 +124,16 @@ def command(p, task, tdir, values):
     return argv, env, samples
 
 
+def remove_stale_containers():
+    """Harness containers an interrupted run left behind (the controller stopped, the
+    container went on): remove them before they compete with this run."""
+    docker = shutil.which("docker") or "docker"
+    found = subprocess.run([docker, "ps", "-aq", "--filter", "label=evalprov.managed=eval"],
+                           capture_output=True, text=True, check=False).stdout.split()
+    if found:
+        subprocess.run([docker, "rm", "-f", *found], capture_output=True, check=False)
+
+
 def run_one(p, task):
     name = task["name"]
     tdir = os.path.join(p["run_dir"], safe(name))
@@ -183,6 +193,8 @@ def main():
         module.exit_json(changed=bool(p["tasks"]), tasks=[
             {"name": t["name"], "status": "would run"} for t in p["tasks"]])
     os.makedirs(p["run_dir"], mode=0o700, exist_ok=True)
+    if p["runtime"] == "docker":
+        remove_stale_containers()
     with ThreadPoolExecutor(max_workers=max(1, p["concurrency"])) as pool:
         done = list(pool.map(lambda t: run_one(p, t), p["tasks"]))
     module.exit_json(changed=bool(done), tasks=done,

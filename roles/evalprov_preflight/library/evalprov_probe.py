@@ -46,6 +46,10 @@ options:
     description: GPUs the plan uses on this host; fewer is a problem.
     type: int
     default: 0
+  gpus_expected:
+    description: GPU count the plan was made for (null when not known); a different count is a
+      problem (the next apply re-plans with the count measured here).
+    type: int
   min_disk_gib:
     description: Free GiB required in each disk path and docker's root dir.
     type: float
@@ -263,6 +267,11 @@ def problems(p, facts):
     """One sentence per problem: the host, the value, and the fix."""
     host, out = p["host"], []
     g, d = facts["gpus"], facts["docker"]
+    if p["gpus_expected"] is not None and p["gpus_expected"] != g["count"] and not (
+            p["gpus_required"] > g["count"]):
+        out.append(f"host {host}: has {g['count']} GPUs but the plan was made for "
+                   f"{p['gpus_expected']} (an earlier run's facts or evalprov_gpu_count); run "
+                   "evalprov apply again to plan for the GPUs it has now")
     if p["gpus_required"] > g["count"]:
         seen = g["error"] or "nvidia-smi"
         out.append(f"host {host}: has {g['count']} GPUs ({seen}) but the plan needs "
@@ -301,6 +310,7 @@ def main():
             "served_model_name": {"type": "str"},
             "disk_paths": {"type": "list", "elements": "str", "default": []},
             "gpus_required": {"type": "int", "default": 0},
+            "gpus_expected": {"type": "int"},
             "min_disk_gib": {"type": "float", "default": 1},
             "host": {"type": "str", "default": "this host"},
             "runtime": {"type": "str", "default": "docker"},
