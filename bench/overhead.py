@@ -60,12 +60,14 @@ def direct(tmp: Path) -> dict[str, float]:
         wait_healthy(inst.port, t0 + 600)
         healthy = time.monotonic() - t0
 
-        def one(run) -> None:
+        def one(item) -> None:
+            idx, run = item
             cfg = run_config(run.task, run.harness, run.url, "tiny", run.endpoint_type,
                              tmp / run.name / "results",
                              run.run_config["config"].get("params"))
             path = write_run_config(cfg, tmp / run.name / "run_config.yml")
             inv = invocation(path)
+            inv.env["ADAPTER_HOST"] = f"127.0.1.{1 + idx}"  # run_eval's port pick races
             proc = subprocess.run(inv.argv, env=inv.env, cwd=inv.cwd, capture_output=True,
                                   text=True)
             if proc.returncode != 0:
@@ -74,7 +76,7 @@ def direct(tmp: Path) -> dict[str, float]:
 
         t1 = time.monotonic()
         with ThreadPoolExecutor(max_workers=2) as pool:
-            list(pool.map(one, the_plan.task_runs))
+            list(pool.map(one, enumerate(the_plan.task_runs)))
         harness = time.monotonic() - t1
     finally:
         os.killpg(server.pid, signal.SIGTERM)

@@ -134,6 +134,15 @@ def remove_stale_containers():
         subprocess.run([docker, "rm", "-f", *found], capture_output=True, check=False)
 
 
+def adapter_host(index):
+    """A loopback address of its own for each task's run_eval adapter proxy (ADAPTER_HOST).
+    run_eval picks the adapter's port by binding, closing and binding again later, so two
+    tasks started together can pick the same port on one address; on distinct addresses of
+    127.0.0.0/8 they cannot collide. (ADAPTER_PORT cannot be used: lm-eval tasks enter the
+    adapter twice and then refuse their own port.)"""
+    return f"127.0.{1 + index // 250}.{1 + index % 250}"
+
+
 def run_one(p, task):
     name = task["name"]
     tdir = os.path.join(p["run_dir"], safe(name))
@@ -145,7 +154,9 @@ def run_one(p, task):
     config.setdefault("config", {})["output_dir"] = (
         "/work/results" if p["runtime"] == "docker" else results)
     write_yaml_as_json(os.path.join(tdir, "run_config.yml"), config)
-    argv, env, cwd = command(p, task, tdir, (p["env"] or {}).get(name) or {})
+    values = dict((p["env"] or {}).get(name) or {})
+    values["ADAPTER_HOST"] = adapter_host(task["_index"])
+    argv, env, cwd = command(p, task, tdir, values)
     log_path = os.path.join(logs, "harness.log")
     start = time.time()
     with open(log_path, "wb") as log:
@@ -195,6 +206,8 @@ def main():
     os.makedirs(p["run_dir"], mode=0o700, exist_ok=True)
     if p["runtime"] == "docker":
         remove_stale_containers()
+    for i, task in enumerate(p["tasks"]):
+        task["_index"] = i
     with ThreadPoolExecutor(max_workers=max(1, p["concurrency"])) as pool:
         done = list(pool.map(lambda t: run_one(p, t), p["tasks"]))
     module.exit_json(changed=bool(done), tasks=done,
