@@ -164,21 +164,9 @@ class CgroupCpu:
     def remove(self, timeout: float = 10.0) -> None:
         if not self.root.exists():
             return
-        deadline = time.monotonic() + timeout
-        while True:
-            busy = False
-            dirs = sorted((p for p in self.root.rglob("*") if p.is_dir()),
-                          key=lambda p: -len(p.parts))
-            for d in [*dirs, self.root]:
-                try:
-                    d.rmdir()
-                except FileNotFoundError:
-                    pass
-                except OSError:
-                    busy = True
-            if not busy or time.monotonic() > deadline:
-                return
-            time.sleep(0.1)
+        from tests.testbed.util import rmdir_tree
+
+        rmdir_tree(self.root, time.monotonic() + timeout)
 
 
 def machine_busy_s() -> float:

@@ -21,6 +21,7 @@ from evalprov.inventory import render, task_vars
 from evalprov.ledger import Ledger, locked, task_key
 from evalprov.plan import HostFacts, Plan, plan
 from evalprov.results import collect, write_atomic, write_summary
+from evalprov.results import render as render_results
 from evalprov.runner import Progress, RunResult, run_playbook
 
 
@@ -302,7 +303,6 @@ def summary(result: RunResult, check: bool) -> tuple[str, int]:
     failed = result.failed_hosts
     bad_tasks = [t for t in result.tasks if t["status"] != "succeeded"]
     if result.tasks:
-        from evalprov.results import render as render_results
         rows.append("")
         rows.append(render_results({"tasks": result.tasks}, "table"))
     if check:

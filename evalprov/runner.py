@@ -25,13 +25,6 @@ ROOT = Path(__file__).resolve().parent.parent
 PLAYBOOKS = Path(os.environ.get("EVALPROV_PLAYBOOKS_DIR", ROOT / "playbooks"))
 ROLES = Path(os.environ.get("EVALPROV_ROLES_DIR", ROOT / "roles"))
 
-RESULT_EVENTS = {
-    "runner_on_ok": "ok",
-    "runner_on_failed": "failed",
-    "runner_on_unreachable": "unreachable",
-    "runner_item_on_failed": None,  # the task-level failure follows
-}
-
 
 @dataclass
 class HostResult:

@@ -46,6 +46,7 @@ from .util import (
     pid_alive,
     pid_cmdline,
     pids_in_ns,
+    rmdir_tree,
     run,
     signal_quiet,
     tcp_banner,
@@ -838,23 +839,8 @@ def _clean_cgroups(parent: str, *, timeout: float = 10.0) -> None:
         roots += [d / parent for d in base.iterdir() if d.is_dir() and not d.is_symlink()]
     deadline = time.monotonic() + timeout
     for root in roots:
-        if not root.is_dir():
-            continue
-        while True:
-            dirs = sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts))
-            busy = False
-            for d in [*dirs, root]:
-                try:
-                    d.rmdir()
-                except FileNotFoundError:
-                    pass
-                except OSError:
-                    busy = True
-            if not busy:
-                break
-            if time.monotonic() > deadline:
-                raise TestbedError(f"cgroup {root} still busy after {timeout}s")
-            time.sleep(0.1)
+        if root.is_dir() and not rmdir_tree(root, deadline):
+            raise TestbedError(f"cgroup {root} still busy after {timeout}s")
 
 
 # Names a net-77 fleet used before fleets had a ``net``: netns hN, veth evp-hN, bridge evpbr0,

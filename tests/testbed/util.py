@@ -11,6 +11,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 
 class TestbedError(RuntimeError):
@@ -222,3 +223,24 @@ def http_request(
         return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
     finally:
         conn.close()
+
+
+def rmdir_tree(root: Path, deadline: float) -> bool:
+    """rmdir every directory under ``root`` (deepest first) and ``root`` itself, retrying
+    while any is busy (cgroups empty out asynchronously) until ``deadline`` (monotonic).
+    True when all are gone."""
+    while True:
+        dirs = sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts))
+        busy = False
+        for d in [*dirs, root]:
+            try:
+                d.rmdir()
+            except FileNotFoundError:
+                pass
+            except OSError:
+                busy = True
+        if not busy:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
