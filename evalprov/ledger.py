@@ -6,6 +6,15 @@ attempt of a task on a host). A task is identified across runs by (host, task, k
 hashes everything that decides its result (run config, image, instance spec), so a changed
 model or setting is a new task while the same one is never run twice.
 
+Every logical write is one transaction (`BEGIN IMMEDIATE` ... `COMMIT`, rolled back on any
+error), so a reader or a crash sees all of it or none of it, and two writers serialise (the
+second waits for the first, up to the timeout) instead of interleaving a read and a write.
+
+The schema carries a version (`PRAGMA user_version`). `MIGRATIONS[n]` takes a database from
+version n to n+1, each step in its own transaction; a database written by an older evalprov
+is brought up to date in place when opened, and one from a newer evalprov is refused with
+one line. A damaged file is one line naming it and the fix.
+
 A lock file next to the database keeps a second apply on the same output_dir out."""
 
 from __future__ import annotations
@@ -16,37 +25,62 @@ import json
 import os
 import socket
 import sqlite3
-import sys
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from evalprov.errors import EvalprovError
+from evalprov.records import TaskRecord, as_record
+from evalprov.redact import redact_command_text, redacted_command
 
 DB_NAME = "evalprov.db"
 LOCK_NAME = "evalprov.lock"
 TERMINAL = ("succeeded", "failed")
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS runs (
+# version 1: the tables as evalprov 0.1 created them (with user_version 0)
+_V1 = (
+    """CREATE TABLE IF NOT EXISTS runs (
   run_id TEXT PRIMARY KEY, started REAL NOT NULL, finished REAL, status TEXT NOT NULL,
   config TEXT, command TEXT, controller TEXT, pid INTEGER, rerun TEXT
-);
-CREATE TABLE IF NOT EXISTS deployments (
+)""",
+    """CREATE TABLE IF NOT EXISTS deployments (
   run_id TEXT NOT NULL, host TEXT NOT NULL, instance TEXT NOT NULL, spec_hash TEXT NOT NULL,
   port INTEGER, status TEXT NOT NULL, error TEXT, updated REAL NOT NULL,
   PRIMARY KEY (run_id, host, instance)
-);
-CREATE TABLE IF NOT EXISTS task_runs (
+)""",
+    """CREATE TABLE IF NOT EXISTS task_runs (
   id INTEGER PRIMARY KEY AUTOINCREMENT,
   run_id TEXT NOT NULL, host TEXT NOT NULL, task TEXT NOT NULL, key TEXT NOT NULL,
   instance TEXT, attempt INTEGER NOT NULL, status TEXT NOT NULL,
   started REAL, finished REAL, seconds REAL, result_dir TEXT, metric TEXT, score REAL,
   samples INTEGER, error TEXT
-);
-CREATE INDEX IF NOT EXISTS task_runs_key ON task_runs (host, task, key);
-"""
+)""",
+    "CREATE INDEX IF NOT EXISTS task_runs_key ON task_runs (host, task, key)",
+)
+
+
+def _to_v1(db: sqlite3.Connection) -> None:
+    """Create the tables (a new database; a version-0 one already has them)."""
+    for sql in _V1:
+        db.execute(sql)
+
+
+def _to_v2(db: sqlite3.Connection) -> None:
+    """Older versions stored the command line as typed, secrets included: redact it; index
+    task_runs by run (status and results read a run's rows)."""
+    for run_id, command in db.execute("SELECT run_id, command FROM runs").fetchall():
+        if command:
+            redacted = redact_command_text(command)
+            if redacted != command:
+                db.execute("UPDATE runs SET command = ? WHERE run_id = ?", (redacted, run_id))
+    db.execute("CREATE INDEX IF NOT EXISTS task_runs_run ON task_runs (run_id)")
+
+
+# MIGRATIONS[n] takes the schema from version n to n + 1; append, never edit a shipped step
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_to_v1, _to_v2)
+SCHEMA_VERSION = len(MIGRATIONS)
 
 
 def task_key(task_vars: dict[str, Any], instance_hash: str | None) -> str:
@@ -55,86 +89,180 @@ def task_key(task_vars: dict[str, Any], instance_hash: str | None) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def db_error(path: Path, exc: sqlite3.Error, timeout: float | None = None) -> EvalprovError:
+    """One line for a database that cannot be used: locked too long, or not a ledger."""
+    text = str(exc)
+    if isinstance(exc, sqlite3.OperationalError) and "locked" in text:
+        waited = f" for more than {timeout:g}s" if timeout is not None else ""
+        return EvalprovError(f"{path}: the ledger is locked by another process{waited}; wait "
+                             "for the other evalprov to finish and run again")
+    return EvalprovError(
+        f"{path}: not a readable evalprov ledger ({text}); move it aside with its -wal/-shm "
+        f"files (`mv {path} {path}.broken`) and run again: a new ledger starts empty, the run "
+        "directories are kept")
+
+
 class Ledger:
-    def __init__(self, output_dir: Path) -> None:
+    def __init__(self, output_dir: Path, timeout: float = 30) -> None:
         output_dir.mkdir(parents=True, exist_ok=True)
         self.path = output_dir / DB_NAME
-        self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        self.timeout = timeout
+        self.db = sqlite3.connect(self.path, timeout=timeout, isolation_level=None)
         self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.executescript(SCHEMA)
+        try:
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self._migrate()
+        except sqlite3.Error as exc:
+            self.db.close()
+            raise db_error(self.path, exc, timeout) from exc
+        except BaseException:
+            self.db.close()
+            raise
 
     def close(self) -> None:
         self.db.close()
 
-    # ------------------------------------------------------------------ writes (each atomic)
+    def __enter__(self) -> Ledger:
+        return self
 
-    def start_run(self, run_id: str, config: str, rerun: str | None) -> None:
-        self.db.execute(
-            "INSERT INTO runs (run_id, started, status, config, command, controller, pid, rerun)"
-            " VALUES (?, ?, 'running', ?, ?, ?, ?, ?)",
-            (run_id, time.time(), config, " ".join(sys.argv), socket.gethostname(), os.getpid(),
-             rerun))
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ schema
+
+    @property
+    def version(self) -> int:
+        return int(self.db.execute("PRAGMA user_version").fetchone()[0])
+
+    def _check_not_newer(self, version: int) -> None:
+        if version > SCHEMA_VERSION:
+            from evalprov import __version__
+
+            raise EvalprovError(
+                f"{self.path}: ledger schema version {version} is newer than this evalprov "
+                f"({__version__}) knows (up to {SCHEMA_VERSION}); upgrade evalprov, or give "
+                "another execution.output_dir")
+
+    def _migrate(self) -> None:
+        self._check_not_newer(self.version)
+        while self.version < SCHEMA_VERSION:
+            with self._tx():  # re-read under the write lock: another process may have done it
+                version = self.version
+                self._check_not_newer(version)
+                if version >= SCHEMA_VERSION:
+                    break
+                MIGRATIONS[version](self.db)
+                self.db.execute(f"PRAGMA user_version = {version + 1:d}")
+
+    # ------------------------------------------------------------------ transactions
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction: BEGIN IMMEDIATE takes the write lock up front (waiting up
+        to the timeout for another writer), COMMIT on success, ROLLBACK on any error."""
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise db_error(self.path, exc, self.timeout) from exc
+        try:
+            yield self.db
+        except BaseException as exc:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.DatabaseError) and not isinstance(
+                    exc, sqlite3.IntegrityError | sqlite3.ProgrammingError):
+                raise db_error(self.path, exc, self.timeout) from exc
+            raise
+        try:
+            self.db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            raise db_error(self.path, exc, self.timeout) from exc
+
+    def _read(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
+        try:
+            return self.db.execute(sql, args).fetchall()
+        except sqlite3.Error as exc:
+            raise db_error(self.path, exc, self.timeout) from exc
+
+    # ------------------------------------------------------------------ writes (one tx each)
+
+    def start_run(self, run_id: str, config: str, rerun: str | None,
+                  command: str | None = None) -> None:
+        """A new run, status running. command: the command line to record (default: this
+        process's argv), always redacted of secrets."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO runs (run_id, started, status, config, command, controller, pid, "
+                "rerun) VALUES (?, ?, 'running', ?, ?, ?, ?, ?)",
+                (run_id, time.time(), config,
+                 redacted_command() if command is None else redact_command_text(command),
+                 socket.gethostname(), os.getpid(), rerun))
 
     def finish_run(self, run_id: str, status: str) -> None:
-        with self.db:
-            self.db.execute("UPDATE runs SET finished = ?, status = ? WHERE run_id = ?",
-                            (time.time(), status, run_id))
+        now = time.time()
+        with self._tx() as db:
+            db.execute("UPDATE runs SET finished = ?, status = ? WHERE run_id = ?",
+                       (now, status, run_id))
             # anything still marked running did not finish: it is missing, not lost
-            self.db.execute("UPDATE task_runs SET status = 'interrupted', finished = ? "
-                            "WHERE run_id = ? AND status IN ('pending', 'running')",
-                            (time.time(), run_id))
+            db.execute("UPDATE task_runs SET status = 'interrupted', finished = ? "
+                       "WHERE run_id = ? AND status IN ('pending', 'running')", (now, run_id))
 
     def record_deployment(self, run_id: str, host: str, instance: str, spec_hash: str,
                           port: int, status: str, error: str | None = None) -> None:
-        self.db.execute(
-            "INSERT OR REPLACE INTO deployments VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (run_id, host, instance, spec_hash, port, status, error, time.time()))
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO deployments (run_id, host, instance, spec_hash, port, "
+                "status, error, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (run_id, host, instance, spec_hash, port, status, error, time.time()))
 
     def add_attempts(self, run_id: str, rows: list[tuple[str, str, str, str | None]]) -> None:
-        """rows: (host, task, key, instance) planned to run now, status pending."""
-        with self.db:
+        """rows: (host, task, key, instance) planned to run now, status pending. The attempt
+        number counts earlier runs' attempts, read in the same transaction."""
+        with self._tx() as db:
             for host, task, key, instance in rows:
-                attempt = 1 + (self.db.execute(
+                attempt = 1 + db.execute(
                     "SELECT COUNT(*) FROM task_runs WHERE host = ? AND task = ? AND key = ? "
-                    "AND run_id != ?", (host, task, key, run_id)).fetchone()[0])
-                self.db.execute(
+                    "AND run_id != ?", (host, task, key, run_id)).fetchone()[0]
+                db.execute(
                     "INSERT INTO task_runs (run_id, host, task, key, instance, attempt, status)"
                     " VALUES (?, ?, ?, ?, ?, ?, 'pending')",
                     (run_id, host, task, key, instance, attempt))
 
     def mark_running(self, run_id: str, host: str) -> None:
-        self.db.execute("UPDATE task_runs SET status = 'running', started = ? WHERE run_id = ? "
-                        "AND host = ? AND status = 'pending'", (time.time(), run_id, host))
+        with self._tx() as db:
+            db.execute("UPDATE task_runs SET status = 'running', started = ? WHERE run_id = ? "
+                       "AND host = ? AND status = 'pending'", (time.time(), run_id, host))
 
-    def finish_task(self, run_id: str, rec: dict[str, Any]) -> None:
-        primary = rec.get("primary") or {}
-        status = rec["status"] if rec["status"] in TERMINAL else "missing"
-        self.db.execute(
-            "UPDATE task_runs SET status = ?, finished = ?, seconds = ?, result_dir = ?, "
-            "metric = ?, score = ?, samples = ?, error = ? "
-            "WHERE run_id = ? AND host = ? AND task = ?",
-            (status, time.time(), rec.get("seconds"), rec.get("dir"),
-             f"{primary.get('metric')}.{primary.get('name')}" if primary else None,
-             primary.get("score"), rec.get("samples"), rec.get("error"),
-             run_id, rec["host"], rec["task"]))
+    def finish_task(self, run_id: str, rec: TaskRecord | dict[str, Any]) -> None:
+        """Record a task's outcome (a TaskRecord, or its summary dict as collect returns)."""
+        record = as_record(rec)
+        v = record.ledger_values()
+        with self._tx() as db:
+            db.execute(
+                "UPDATE task_runs SET status = ?, finished = ?, seconds = ?, result_dir = ?, "
+                "metric = ?, score = ?, samples = ?, error = ? "
+                "WHERE run_id = ? AND host = ? AND task = ?",
+                (v["status"], time.time(), v["seconds"], v["result_dir"], v["metric"],
+                 v["score"], v["samples"], v["error"], run_id, record.host, record.task))
 
     # ------------------------------------------------------------------ reads
 
     def latest(self, host: str, task: str, key: str) -> sqlite3.Row | None:
         """The newest finished-or-not attempt of this task in an earlier run."""
-        return self.db.execute(
-            "SELECT * FROM task_runs WHERE host = ? AND task = ? AND key = ? "
-            "ORDER BY id DESC LIMIT 1", (host, task, key)).fetchone()
+        rows = self._read("SELECT * FROM task_runs WHERE host = ? AND task = ? AND key = ? "
+                          "ORDER BY id DESC LIMIT 1", (host, task, key))
+        return rows[0] if rows else None
 
     def last_success(self, host: str, task: str, key: str) -> sqlite3.Row | None:
-        return self.db.execute(
-            "SELECT * FROM task_runs WHERE host = ? AND task = ? AND key = ? AND "
-            "status = 'succeeded' ORDER BY id DESC LIMIT 1", (host, task, key)).fetchone()
+        rows = self._read("SELECT * FROM task_runs WHERE host = ? AND task = ? AND key = ? AND "
+                          "status = 'succeeded' ORDER BY id DESC LIMIT 1", (host, task, key))
+        return rows[0] if rows else None
 
     def runs(self) -> list[sqlite3.Row]:
-        return self.db.execute("SELECT * FROM runs ORDER BY started").fetchall()
+        return self._read("SELECT * FROM runs ORDER BY started")
 
     def run(self, run_id: str | None) -> sqlite3.Row:
         runs = self.runs()
@@ -150,12 +278,22 @@ class Ledger:
         return hits[0]
 
     def tasks_of(self, run_id: str) -> list[sqlite3.Row]:
-        return self.db.execute("SELECT * FROM task_runs WHERE run_id = ? ORDER BY host, task",
-                               (run_id,)).fetchall()
+        return self._read("SELECT * FROM task_runs WHERE run_id = ? ORDER BY host, task",
+                          (run_id,))
+
+    def task_records(self, run_id: str) -> list[TaskRecord]:
+        """The run's task attempts as records (host, task order)."""
+        return [TaskRecord.from_row(r) for r in self.tasks_of(run_id)]
 
     def deployments_of(self, run_id: str) -> list[sqlite3.Row]:
-        return self.db.execute("SELECT * FROM deployments WHERE run_id = ? ORDER BY host, "
-                               "instance", (run_id,)).fetchall()
+        return self._read("SELECT * FROM deployments WHERE run_id = ? ORDER BY host, instance",
+                          (run_id,))
+
+
+def lock_info(argv: list[str] | None = None) -> str:
+    """What the lock file says about its holder (the command redacted of secrets)."""
+    return (f"pid {os.getpid()} on {socket.gethostname()}, started "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {redacted_command(argv)[:300]}")
 
 
 @contextmanager
@@ -172,10 +310,8 @@ def locked(output_dir: Path):
             raise EvalprovError(
                 f"output_dir {output_dir} is in use by another evalprov ({holder}); wait for it "
                 "or stop it") from None
-        info = (f"pid {os.getpid()} on {socket.gethostname()}, started "
-                f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(sys.argv)[:300]}")
         os.ftruncate(fd, 0)
-        os.pwrite(fd, info.encode(), 0)
+        os.pwrite(fd, lock_info().encode(), 0)
         yield
     finally:
         os.close(fd)

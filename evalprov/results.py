@@ -18,6 +18,7 @@ from typing import Any
 
 from evalprov.errors import EvalprovError
 from evalprov.harness import read_scores
+from evalprov.records import TaskRecord, as_record
 
 SUMMARY = "summary.json"
 TASK_META = "evalprov-task.json"
@@ -48,39 +49,40 @@ def unpack(archive: Path, dest: Path) -> Path:
     return dest
 
 
-def task_record(host: str, task: dict[str, Any], task_dir: Path | None) -> dict[str, Any]:
+def read_task(host: str, task: dict[str, Any], task_dir: Path | None) -> TaskRecord:
     """One (host, task) of the run: status, timing, scores, the log tail of a failure."""
-    rec: dict[str, Any] = {
-        "host": host, "task": task["name"], "harness": task.get("harness"),
-        "status": "missing", "seconds": None, "scores": [], "primary": None,
-        "samples": None, "error": None, "dir": str(task_dir) if task_dir else None,
-    }
+    rec = TaskRecord(host=host, task=task["name"], harness=task.get("harness"),
+                     dir=str(task_dir) if task_dir else None)
     if task_dir is None or not (task_dir / TASK_META).exists():
-        rec["error"] = "no results came back from the host"
+        rec.error = "no results came back from the host"
         return rec
     meta = json.loads((task_dir / TASK_META).read_text())
-    rec["seconds"] = meta.get("seconds")
-    rec["started"] = meta.get("started")
+    rec.seconds = meta.get("seconds")
+    rec.started = meta.get("started")
     results_yml = next(iter(sorted((task_dir / "results").rglob("results.yml"))), None)
     if meta.get("rc") != 0:
-        rec["status"] = "failed"
+        rec.status = "failed"
         log = task_dir / "logs" / "harness.log"
         tail = log.read_text(errors="replace").splitlines()[-20:] if log.exists() else []
-        rec["error"] = f"harness exited {meta.get('rc')}: " + " | ".join(tail)[-2000:]
+        rec.error = f"harness exited {meta.get('rc')}: " + " | ".join(tail)[-2000:]
         return rec
     if results_yml is None:
-        rec["status"] = "failed"
-        rec["error"] = "the harness exited 0 but wrote no results.yml"
+        rec.status = "failed"
+        rec.error = "the harness exited 0 but wrote no results.yml"
         return rec
     scores = read_scores(results_yml)
-    rec["scores"] = scores
-    primary = next((s for s in scores if s["primary"]), None)
-    rec["primary"] = primary
-    rec["samples"] = (primary or {}).get("samples") or _samples(task_dir)
-    rec["status"] = "succeeded" if scores else "failed"
+    rec.scores = scores
+    rec.primary = next((s for s in scores if s["primary"]), None)
+    rec.samples = (rec.primary or {}).get("samples") or _samples(task_dir)
+    rec.status = "succeeded" if scores else "failed"
     if not scores:
-        rec["error"] = f"no scores in {results_yml}"
+        rec.error = f"no scores in {results_yml}"
     return rec
+
+
+def task_record(host: str, task: dict[str, Any], task_dir: Path | None) -> dict[str, Any]:
+    """read_task as its summary.json entry."""
+    return read_task(host, task, task_dir).to_dict()
 
 
 def _samples(task_dir: Path) -> int | None:
@@ -95,8 +97,8 @@ def _samples(task_dir: Path) -> int | None:
     return None
 
 
-def collect(run_dir: Path, tasks_by_host: dict[str, list[dict[str, Any]]],
-            unreachable: set[str]) -> list[dict[str, Any]]:
+def collect_records(run_dir: Path, tasks_by_host: dict[str, list[dict[str, Any]]],
+                    unreachable: set[str]) -> list[TaskRecord]:
     """Unpack the fetched archives into the run's layout and read every planned task."""
     fetch = run_dir / "fetch"
     records = []
@@ -108,17 +110,28 @@ def collect(run_dir: Path, tasks_by_host: dict[str, list[dict[str, Any]]],
             if archive.exists():
                 task_dir = unpack(archive, run_dir / host / safe)
                 archive.unlink()
-            rec = task_record(host, task, task_dir)
-            if rec["status"] == "missing" and host in unreachable:
-                rec["error"] = "host unreachable"
+            rec = read_task(host, task, task_dir)
+            if rec.status == "missing" and host in unreachable:
+                rec.error = "host unreachable"
             records.append(rec)
     shutil.rmtree(fetch, ignore_errors=True)
     return records
 
 
-def write_summary(run_dir: Path, run_id: str, records: list[dict[str, Any]],
+def collect(run_dir: Path, tasks_by_host: dict[str, list[dict[str, Any]]],
+            unreachable: set[str]) -> list[dict[str, Any]]:
+    """collect_records as summary.json entries (the dicts apply passes on)."""
+    return [r.to_dict() for r in collect_records(run_dir, tasks_by_host, unreachable)]
+
+
+def _entries(records: list[TaskRecord | dict[str, Any]]) -> list[dict[str, Any]]:
+    """summary.json entries; a dict is written as it is."""
+    return [r.to_dict() if isinstance(r, TaskRecord) else r for r in records]
+
+
+def write_summary(run_dir: Path, run_id: str, records: list[TaskRecord | dict[str, Any]],
                   extra: dict[str, Any]) -> Path:
-    summary = {"run": run_id, **extra, "tasks": records}
+    summary = {"run": run_id, **extra, "tasks": _entries(records)}
     path = run_dir / SUMMARY
     write_atomic(path, json.dumps(summary, indent=2, default=str))
     return path
@@ -148,28 +161,54 @@ def find_run(output_dir: Path, run: str | None) -> Path:
     return runs[-1]
 
 
+def _broken(path: Path, why: str) -> EvalprovError:
+    return EvalprovError(
+        f"{path}: not a readable evalprov summary ({why}); move it aside (e.g. `mv {path} "
+        f"{path}.broken`): `evalprov status {path.parent.name}` still shows the run from the "
+        "ledger, and the next `evalprov apply` writes a new summary")
+
+
 def load_summary(run_dir: Path) -> dict[str, Any]:
-    return json.loads((run_dir / SUMMARY).read_text())
+    """A run's summary.json, checked: a damaged one is one line naming the file and the fix."""
+    path = run_dir / SUMMARY
+    try:
+        data = json.loads(path.read_bytes().decode())
+    except OSError as exc:
+        raise _broken(path, exc.strerror or str(exc)) from exc
+    except UnicodeDecodeError as exc:
+        raise _broken(path, f"not UTF-8 text at byte {exc.start}") from exc
+    except json.JSONDecodeError as exc:
+        raise _broken(path, f"not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+                      ) from exc
+    if not isinstance(data, dict) or not isinstance(data.get("tasks"), list):
+        raise _broken(path, "no list of tasks")
+    if not isinstance(data.get("run"), str):
+        raise _broken(path, "no run id")
+    for i, rec in enumerate(data["tasks"]):
+        if not (isinstance(rec, dict) and isinstance(rec.get("host"), str)
+                and isinstance(rec.get("task"), str) and isinstance(rec.get("status"), str)):
+            raise _broken(path, f"task entry {i} has no host, task and status")
+        if rec.get("primary") is not None and not isinstance(rec["primary"], dict):
+            raise _broken(path, f"task entry {i} has a primary score that is not a mapping")
+    return data
+
+
+def records(summary: dict[str, Any]) -> list[TaskRecord]:
+    return [as_record(rec) for rec in summary["tasks"]]
 
 
 def rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
-    out = []
-    for rec in summary["tasks"]:
-        primary = rec.get("primary") or {}
-        out.append({
-            "task": rec["task"], "host": rec["host"], "status": rec["status"],
-            "metric": f"{primary.get('metric')}.{primary.get('name')}" if primary else "",
-            "score": primary.get("score"), "samples": rec.get("samples"),
-            "seconds": rec.get("seconds"), "error": rec.get("error") or "",
-        })
-    return out
+    return [{"task": r.task, "host": r.host, "status": r.status, "metric": r.metric or "",
+             "score": r.score, "samples": r.samples, "seconds": r.seconds,
+             "error": r.error or ""} for r in records(summary)]
 
 
 def render(summary: dict[str, Any], fmt: str) -> str:
     data = rows(summary)
     cols = ["task", "host", "status", "metric", "score", "samples", "seconds"]
     if fmt == "json":
-        return json.dumps(summary, indent=2, default=str)
+        return json.dumps({**summary, "tasks": _entries(summary["tasks"])}, indent=2,
+                          default=str)
     if fmt == "csv":
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=[*cols, "error"], lineterminator="\n")
@@ -197,12 +236,46 @@ def render(summary: dict[str, Any], fmt: str) -> str:
     return "\n".join(lines)
 
 
+def _logs(run_dir: Path) -> list[Path]:
+    return sorted(run_dir.glob("*/*/logs/harness.log"))
+
+
+def _matching(logs: list[Path], host: str | None, task: str | None) -> list[Path]:
+    return [p for p in logs if host in (None, p.parent.parent.parent.name)
+            and task in (None, p.parent.parent.name)]
+
+
+def _what(host: str | None, task: str | None) -> str:
+    return f"host {host or '*'} task {task or '*'}"
+
+
 def task_log(run_dir: Path, host: str | None, task: str | None) -> list[Path]:
-    logs = sorted(run_dir.glob("*/*/logs/harness.log"))
-    found = [p for p in logs if (host in (None, p.parent.parent.parent.name))
-             and (task in (None, p.parent.parent.name))]
+    logs = _logs(run_dir)
+    found = _matching(logs, host, task)
     if not found:
         have = ", ".join(f"{p.parent.parent.parent.name}/{p.parent.parent.name}" for p in logs)
-        raise EvalprovError(f"logs: no task log for host {host or '*'} task {task or '*'} in "
-                            f"{run_dir}; have: {have or 'none'}")
+        raise EvalprovError(f"logs: no task log for {_what(host, task)} in {run_dir}; have: "
+                            f"{have or 'none'}")
     return found
+
+
+def find_log_run(output_dir: Path, host: str | None, task: str | None
+                 ) -> tuple[Path, list[Path], list[str]]:
+    """The newest run under output_dir that ran this host/task (has its harness log): a run
+    that reused every task from an earlier one (a no-op apply) ran nothing and has no log.
+    Returns the run dir, its matching logs, and the newer runs passed over."""
+    if not output_dir.is_dir():
+        raise EvalprovError(f"--output-dir: {str(output_dir)!r} does not exist; give the "
+                            "output_dir of your config")
+    runs = sorted((p for p in output_dir.iterdir() if p.is_dir()
+                   and ((p / SUMMARY).exists() or _logs(p))), reverse=True)
+    if not runs:
+        raise EvalprovError(f"--output-dir: no runs with results in {output_dir}; run "
+                            "`evalprov apply` first")
+    for i, run_dir in enumerate(runs):
+        found = _matching(_logs(run_dir), host, task)
+        if found:
+            return run_dir, found, [p.name for p in runs[:i]]
+    recent = ", ".join(p.name for p in runs[:5])
+    raise EvalprovError(f"logs: no run in {output_dir} has a task log for {_what(host, task)} "
+                        f"(runs: {recent}); check --host/--task with `evalprov status`")

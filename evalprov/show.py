@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import shlex
+from collections.abc import Iterable
 from dataclasses import asdict
 from typing import Any
 
 from evalprov.config.tasks import TaskTable
 from evalprov.plan import Plan
+from evalprov.records import TaskRecord
 
 
 def _gpus(gpus: tuple[int, ...]) -> str:
@@ -95,8 +97,10 @@ def _when(ts: float | None) -> str:
     return time.strftime("%H:%M:%S", time.localtime(ts)) if ts else "-"
 
 
-def status_text(run, deployments, tasks) -> str:
-    """A run from the ledger: header, instances, then every task attempt."""
+def status_text(run, deployments, tasks: Iterable[TaskRecord | Any]) -> str:
+    """A run from the ledger: header, instances, then every task attempt (TaskRecords, or
+    ledger task_runs rows)."""
+    records = [t if isinstance(t, TaskRecord) else TaskRecord.from_row(t) for t in tasks]
     lines = [f"run {run['run_id']}  {run['status']}  started {_when(run['started'])}  "
              f"finished {_when(run['finished'])}  config {run['config']}"]
     if deployments:
@@ -108,12 +112,13 @@ def status_text(run, deployments, tasks) -> str:
     lines.append("")
     lines.append(f"{'host':<20} {'task':<24} {'state':<12} {'try':>3} {'start':>8} "
                  f"{'secs':>7} {'score':>7}  error")
-    for t in tasks:
-        secs = f"{t['seconds']:.1f}" if t["seconds"] is not None else "-"
-        score = f"{t['score']:.4f}" if t["score"] is not None else "-"
-        err = (t["error"] or "")[:120]
-        lines.append(f"{t['host']:<20} {t['task']:<24} {t['status']:<12} {t['attempt']:>3} "
-                     f"{_when(t['started']):>8} {secs:>7} {score:>7}  {err}")
-    if not tasks:
+    for t in records:
+        secs = f"{t.seconds:.1f}" if t.seconds is not None else "-"
+        score = f"{t.score:.4f}" if t.score is not None else "-"
+        err = (t.error or "")[:120]
+        attempt = "-" if t.attempt is None else t.attempt
+        lines.append(f"{t.host:<20} {t.task:<24} {t.status:<12} {attempt:>3} "
+                     f"{_when(t.started):>8} {secs:>7} {score:>7}  {err}")
+    if not records:
         lines.append("(no task ran in this run)")
     return "\n".join(lines)

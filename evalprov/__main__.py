@@ -1,0 +1,7 @@
+"""`python -m evalprov`."""
+
+import sys
+
+from evalprov.cli import main
+
+sys.exit(main())

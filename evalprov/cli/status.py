@@ -1,0 +1,30 @@
+"""evalprov status: a run from the ledger, every host, instance and task."""
+
+from __future__ import annotations
+
+import argparse
+
+from evalprov.cli.common import Command, examples, output_dir, run_args
+from evalprov.errors import EvalprovError, Exit
+
+
+def run(args: argparse.Namespace) -> int:
+    from evalprov.ledger import DB_NAME, Ledger
+    from evalprov.show import status_text
+
+    out = output_dir(args)
+    if not (out / DB_NAME).exists():
+        raise EvalprovError(f"status: no ledger in {out}; give --output-dir (the config's "
+                            "execution.output_dir) or -c CONFIG")
+    with Ledger(out) as ledger:
+        run = ledger.run(args.run)
+        print(status_text(run, ledger.deployments_of(run["run_id"]),
+                          ledger.task_records(run["run_id"])))
+    return Exit.OK
+
+
+COMMAND = Command(
+    "status", "show a run: every host, instance and task with state, attempt, timings",
+    examples("evalprov status", "evalprov status 20261127-0912 -c CONFIG",
+             "evalprov status --output-dir /results"),
+    arguments=run_args, run=run)
