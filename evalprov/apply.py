@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import secrets
 import signal
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -15,10 +17,19 @@ from typing import Any
 from evalprov.config.envvars import resolve_env
 from evalprov.config.loader import LoadedConfig
 from evalprov.config.models import SlurmExecution, VllmDeployment
+from evalprov.decide import (
+    Decision,
+    Inputs,
+    attempt_id,
+    dump_inputs,
+    parse_facts,
+    plan_hosts,
+    safe_decide,
+)
 from evalprov.errors import ConfigError, Exit
 from evalprov.harness import SAMPLES_DIR
-from evalprov.inventory import render, task_vars
-from evalprov.ledger import Ledger, locked, task_key
+from evalprov.inventory import common_vars, task_vars
+from evalprov.ledger import Ledger, locked
 from evalprov.plan import HostFacts, Plan, plan
 from evalprov.results import collect, write_atomic, write_summary
 from evalprov.results import render as render_results
@@ -95,83 +106,33 @@ def output_root(loaded: LoadedConfig) -> Path:
     return Path(loaded.config.execution.output_dir).expanduser().resolve()
 
 
-def needs_facts(loaded: LoadedConfig, hosts: list[HostFacts]) -> bool:
-    """instances_per_host: auto needs each host's GPU count before planning."""
-    config = loaded.config
-    return (isinstance(config.deployment, VllmDeployment)
-            and config.execution.instances_per_host == "auto"
-            and any(h.gpus is None for h in hosts))
-
-
 def cached_gpu_counts(out: Path) -> dict[str, int]:
     """GPU counts from the newest facts.json of earlier runs (every apply writes one from its
-    probe); preflight checks them against nvidia-smi, so a stale count fails cleanly and the
-    next apply re-plans with the fresh one."""
+    probe): the plan a destroy or a --limit run makes for hosts it does not probe."""
     counts: dict[str, int] = {}
     for facts in sorted(out.glob("*/facts.json")):
         try:
             data = json.loads(facts.read_text())
         except (OSError, ValueError):
             continue
-        for host, f in data.items():
+        for host, f in data.items() if isinstance(data, dict) else ():
             count = (f.get("gpus") or {}).get("count") if isinstance(f, dict) else None
             if isinstance(count, int):
                 counts[host] = count
     return counts
 
 
-def gather_gpu_counts(run_dir: Path, inventories: list[str], hosts: list[HostFacts],
-                      opts: Options) -> list[HostFacts]:
-    """GPU counts for planning instances_per_host: auto: cached from earlier runs, else from
-    the read-only facts playbook for just the hosts without one; hosts that do not answer
-    keep an unknown count (the main run reports them)."""
-    cached = cached_gpu_counts(run_dir.parent)
-    hosts = [HostFacts(h.name, cached.get(h.name)) if h.gpus is None else h for h in hosts]
-    missing = [h.name for h in hosts if h.gpus is None]
-    if not missing:
-        return hosts
-    print(f"gathering GPU facts from {len(missing)} host(s) (instances_per_host: auto)",
-          file=sys.stderr)
-    result = run_playbook("facts.yml", run_dir / "facts", inventories, {}, None,
-                          limit=",".join(missing), forks=opts.forks)
-    counts = {h: (f.get("gpus") or {}).get("count") for h, f in result.facts.items()}
-    return [HostFacts(h.name, counts.get(h.name, h.gpus)) for h in hosts]
+def previous_attempts(ledger: Ledger) -> dict[str, dict[str, Any]]:
+    """The newest attempt of every (host, task, key) in the ledger, for decide."""
+    rows = ledger.db.execute(
+        "SELECT * FROM task_runs WHERE id IN (SELECT MAX(id) FROM task_runs "
+        "GROUP BY host, task, key)").fetchall()
+    return {attempt_id(r["host"], r["task"], r["key"]): dict(r) for r in rows}
 
 
-def select_tasks(the_plan: Plan, ledger: Ledger, rerun: str | None
-                 ) -> tuple[Plan, list[tuple[str, str, str, str | None]], list[dict[str, Any]]]:
-    """Which planned tasks run now. A task that succeeded before with the same key is reused
-    (unless --rerun all); one that failed is reused as failed unless --rerun failed|all;
-    never-finished ones run. Returns the plan with only the tasks to run, the ledger rows to
-    add, and the records of the reused ones."""
-    hashes = {(i.host, i.name): i.spec_hash for i in the_plan.instances}
-    hosts, to_run, reused = [], [], []
-    for hp in the_plan.hosts:
-        keep = []
-        for t in hp.tasks:
-            key = task_key(task_vars(t), hashes.get((hp.host, t.instance)))
-            prev = None if rerun == "all" else ledger.latest(hp.host, t.name, key)
-            done = prev is not None and (prev["status"] == "succeeded" or (
-                prev["status"] == "failed" and rerun is None))
-            if done:
-                reused.append(reused_record(prev))
-                continue
-            keep.append(t)
-            to_run.append((hp.host, t.name, key, t.instance))
-        hosts.append(dataclasses.replace(hp, tasks=tuple(keep)))
-    return dataclasses.replace(the_plan, hosts=tuple(hosts)), to_run, reused
-
-
-def reused_record(row) -> dict[str, Any]:
-    metric, _, name = (row["metric"] or "").partition(".")
-    rec = {"host": row["host"], "task": row["task"], "status": row["status"],
-           "seconds": row["seconds"], "samples": row["samples"], "dir": row["result_dir"],
-           "scores": [], "primary": {"metric": metric, "name": name, "score": row["score"]}
-           if row["metric"] else None, "reused_from": row["run_id"], "error": row["error"]}
-    if row["status"] == "failed":
-        rec["error"] = (f"failed in run {row['run_id']} (attempt {row['attempt']}): "
-                        f"{row['error'] or ''}; rerun it with --rerun failed")
-    return rec
+def owner_id(out: Path) -> str:
+    """Who this deployment is: its output_dir on this controller."""
+    return hashlib.sha256(f"{socket.gethostname()}:{out}".encode()).hexdigest()[:12]
 
 
 class Interrupt:
@@ -199,6 +160,7 @@ class Interrupt:
 
 def run(loaded: LoadedConfig, hosts: list[HostFacts], opts: Options,
         playbook: str) -> tuple[Plan, RunResult, Path]:
+    """prepare -> (one ansible-playbook run: facts -> decide -> roles) -> record."""
     check_supported(loaded)
     secret = deployment_env(loaded)
     per_task = task_env(loaded) if playbook == "site.yml" else {}
@@ -211,83 +173,119 @@ def run(loaded: LoadedConfig, hosts: list[HostFacts], opts: Options,
             ledger.close()
 
 
-def _run_locked(loaded, hosts, opts, playbook, secret, per_task, out, ledger):
+def prepare(loaded: LoadedConfig, hosts: list[HostFacts], opts: Options, playbook: str,
+            out: Path, ledger: Ledger) -> tuple[Inputs, Plan, Path, list[str]]:
+    """Everything decide needs besides the facts, a provisional plan (for the variables that
+    do not depend on facts, and to refuse a plan that cannot be made before any host is
+    touched), the run directory and the inventories."""
     run_id = new_run_id()
     run_dir = out / run_id
     run_dir.mkdir(parents=True, exist_ok=True)
     inventories = [opts.inventory] if opts.inventory else [local_inventory(run_dir)]
     inventories = [str(Path(i).resolve()) for i in inventories]
-    if playbook == "site.yml" and needs_facts(loaded, hosts):
-        hosts = gather_gpu_counts(run_dir, inventories, hosts, opts)
-    the_plan = plan(loaded.config, hosts)
+    inputs = Inputs(
+        config=loaded.config, hosts=tuple(hosts), run_id=run_id, owner=owner_id(out),
+        previous=previous_attempts(ledger), rerun=opts.rerun,
+        evaluate=playbook == "site.yml" and "eval" not in (opts.skip_tags or ""),
+        destroy=playbook == "destroy.yml", samples_src=str(SAMPLES_DIR),
+        cached_gpus=cached_gpu_counts(out))
+    provisional = plan(loaded.config, plan_hosts(inputs, {}))
+    return inputs, provisional, run_dir, inventories
+
+
+def _run_locked(loaded, hosts, opts, playbook, secret, per_task, out, ledger):
+    inputs, provisional, run_dir, inventories = prepare(loaded, hosts, opts, playbook, out,
+                                                        ledger)
+    run_id = inputs.run_id
     if opts.forks is None:  # every host at once (Ansible's default of 5 runs waves)
-        opts = dataclasses.replace(opts, forks=max(5, min(len(the_plan.hosts), 50)))
-    evaluating = playbook == "site.yml" and "eval" not in (opts.skip_tags or "")
-    to_run: list = []
-    reused: list[dict[str, Any]] = []
-    if evaluating:
-        the_plan, to_run, reused = select_tasks(the_plan, ledger, opts.rerun)
-    print(f"evalprov {playbook.removesuffix('.yml').replace('site', 'apply')}"
-          f"{' --check' if opts.check else ''}: {len(the_plan.hosts)} host(s), "
-          f"{len(the_plan.instances)} instance(s), {len(to_run)} task(s) to run"
-          f"{f', {len(reused)} done before' if reused else ''}", file=sys.stderr)
+        opts = dataclasses.replace(opts, forks=max(5, min(len(provisional.hosts), 50)))
     record = not opts.check and playbook == "site.yml"
-    if record:
-        ledger.start_run(run_id, loaded.source, opts.rerun)
-        ledger.add_attempts(run_id, to_run)
-    progress = Progress(check=opts.check, diff=opts.diff,
-                        on_task_start=lambda host, task: ledger.mark_running(run_id, host)
-                        if record and task.startswith("Eval | Run") else None)
+    verb = "destroy" if inputs.destroy else "apply"
+    print(f"evalprov {verb}{' --check' if opts.check else ''}: {len(provisional.hosts)} "
+          f"host(s); probing, then deciding", file=sys.stderr)
+    decided: dict[str, Decision] = {}
+
+    def on_decision(res: dict[str, Any]) -> None:
+        """The decision is made (in ansible-playbook): make the same one here, from the same
+        inputs and facts, and put its attempts in the ledger before any task starts."""
+        facts = parse_facts({h: (progress.facts[h], bool(local))
+                             for h, local in (res.get("local") or {}).items()
+                             if h in progress.facts})
+        d, _ = safe_decide(inputs, facts)
+        if d is None:
+            return
+        decided["d"] = d
+        if inputs.destroy:
+            gone = sum(len(v.get("evalprov_vllm_remove") or ()) for v in d.host_vars.values())
+            print(f"evalprov destroy: {gone} instance(s) to remove on {len(d.host_vars)} "
+                  "host(s)", file=sys.stderr)
+        else:
+            print(f"evalprov {verb}: {len(d.plan.hosts)} host(s), {len(d.plan.instances)} "
+                  f"instance(s), {len(d.to_run)} task(s) to run"
+                  f"{f', {len(d.reused)} done before' if d.reused else ''}; "
+                  f"{sum(not a.converged for a in d.checked.hosts.values())} host(s) to "
+                  "change", file=sys.stderr)
+        if record:
+            ledger.start_run(run_id, loaded.source, opts.rerun)
+            ledger.add_attempts(run_id, [(a.host, a.task, a.key, a.instance)
+                                         for a in d.to_run])
+
+    progress = Progress(check=opts.check, diff=opts.diff, on_decision=on_decision,
+                        on_task_start=lambda host, action: ledger.mark_running(run_id, host)
+                        if record and "d" in decided and action.endswith("evalprov_run_tasks")
+                        else None)
     with Interrupt() as interrupt:
         try:
             result = run_playbook(
-                playbook,
-                run_dir,
-                inventories,
-                render(the_plan),
-                {"evalprov_health_log_dir": str(run_dir / "logs"), "evalprov_eval_run_id": run_id,
+                playbook, run_dir, inventories, {"all": {"vars": common_vars(provisional)}},
+                {"evalprov_health_log_dir": str(run_dir / "logs"),
                  "evalprov_eval_fetch_dir": str(run_dir / "fetch"),
-                 "evalprov_eval_samples_src": str(SAMPLES_DIR)},
-                check=opts.check,
-                diff=opts.diff,
-                limit=opts.limit,
-                tags=opts.tags,
-                skip_tags=opts.skip_tags,
-                forks=opts.forks,
+                 "evalprov_eval_samples_src": str(SAMPLES_DIR),
+                 "evalprov_eval_owner": inputs.owner},
+                check=opts.check, diff=opts.diff, limit=opts.limit, tags=opts.tags,
+                skip_tags=opts.skip_tags, forks=opts.forks,
                 secrets={"deployment_env": secret, "task_env": per_task} if secret or per_task
                 else None,
-                progress=progress,
-                cancel=lambda: interrupt.hit,
-            )
+                inputs=dump_inputs(inputs), progress=progress, cancel=lambda: interrupt.hit)
         except KeyboardInterrupt:  # Ctrl-C again: stop now, but leave no run 'running'
-            if record:
+            if record and "d" in decided:
                 ledger.finish_run(run_id, "interrupted")
             raise
         result.interrupted = interrupt.hit
+    d = decided.get("d")
     if result.facts:
         write_atomic(run_dir / "facts.json", json.dumps(result.facts, indent=2, sort_keys=True))
+    if d is None:  # nothing was decided: no host reached, or a problem stopped the run
+        return provisional, result, run_dir
     if record:
-        failed_hosts = set(result.failed_hosts)
-        for inst in the_plan.instances:
+        record_run(loaded, d, result, run_dir, run_id, ledger)
+    return d.plan, result, run_dir
+
+
+def record_run(loaded: LoadedConfig, d: Decision, result: RunResult, run_dir: Path,
+               run_id: str, ledger: Ledger) -> None:
+    """What really happened, into the ledger and summary.json."""
+    failed_hosts = set(result.failed_hosts)
+    for inst in d.plan.instances:
+        if inst.host in d.checked.hosts:
             ledger.record_deployment(run_id, inst.host, inst.name, inst.spec_hash, inst.port,
                                      "failed" if inst.host in failed_hosts else "serving")
-    if record and (the_plan.task_runs or reused):
-        tasks = {h.host: [task_vars(t) for t in h.tasks] for h in the_plan.hosts if h.tasks}
+    if d.plan.task_runs or d.reused:
+        tasks = {h.host: [{**task_vars(t), "slug": t.slug} for t in h.tasks]
+                 for h in d.plan.hosts if h.tasks}
         unreachable = {h for h, r in result.hosts.items() if r.unreachable}
         ran = collect(run_dir, tasks, unreachable)
         for rec in ran:
             ledger.finish_task(run_id, rec)
-        result.tasks = ran + reused
+        result.tasks = ran + d.reused
         write_summary(run_dir, run_id, result.tasks, {
-            "config": loaded.source, "served_model_name": the_plan.served_model_name,
-            "hosts": sorted(h.host for h in the_plan.hosts), "seconds": round(result.seconds, 1),
+            "config": loaded.source, "served_model_name": d.plan.served_model_name,
+            "hosts": sorted(h.host for h in d.plan.hosts), "seconds": round(result.seconds, 1),
             "interrupted": result.interrupted})
-    if record:
-        status = ("interrupted" if result.interrupted else
-                  "failed" if result.failed_hosts or any(
-                      t["status"] != "succeeded" for t in result.tasks) else "succeeded")
-        ledger.finish_run(run_id, status)
-    return the_plan, result, run_dir
+    status = ("interrupted" if result.interrupted else
+              "failed" if result.failed_hosts or any(
+                  t["status"] != "succeeded" for t in result.tasks) else "succeeded")
+    ledger.finish_run(run_id, status)
 
 
 def summary(result: RunResult, check: bool) -> tuple[str, int]:

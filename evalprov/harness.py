@@ -124,6 +124,17 @@ def write_run_config(config: Mapping[str, Any], path: str | os.PathLike[str]) ->
     return path
 
 
+# What every harness run gets, however it is started (evalprov's own runs on the hosts take it
+# from the plan): hubs and telemetry off, so nothing is downloaded at run time.
+HARNESS_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "NEMO_EVALUATOR_TELEMETRY_LEVEL": "0",
+}
+
+
 def harness_env(
     venv: str | os.PathLike[str] | None = None,
     samples_dir: str | os.PathLike[str] | None = None,
@@ -140,16 +151,7 @@ def harness_env(
     env["PATH"] = os.pathsep.join([str(venv / "bin"), env.get("PATH") or os.defpath])
     env["VIRTUAL_ENV"] = str(venv)
     env.pop("PYTHONHOME", None)
-    env.update(
-        {
-            "HF_HUB_OFFLINE": "1",
-            "HF_DATASETS_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1",
-            "HF_HUB_DISABLE_TELEMETRY": "1",
-            "NEMO_EVALUATOR_TELEMETRY_LEVEL": "0",
-            "NLTK_DATA": str(samples / "nltk_data"),
-        }
-    )
+    env.update({**HARNESS_ENV, "NLTK_DATA": str(samples / "nltk_data")})
     for var in ("NO_PROXY", "no_proxy"):
         have = [h for h in env.get(var, "").split(",") if h]
         env[var] = ",".join(have + [h for h in ("localhost", "127.0.0.1", "::1") if h not in have])

@@ -9,29 +9,29 @@ import yaml
 
 from evalprov.plan import Instance, Plan, TaskRun
 
-# Where Ansible would start a template in a string (its default Jinja delimiters).
-JINJA_MARKERS = ("{{", "{%", "{#")
-
 
 def instance_vars(inst: Instance) -> dict[str, Any]:
+    """An instance as the vllm role starts it: every value already in the form the module
+    takes (entrypoint and command, volumes, device requests, labels)."""
     return {
         "name": inst.name,
         "index": inst.index,
         "port": inst.port,
         "gpus": list(inst.gpus),
         "argv": list(inst.argv),
+        "entrypoint": list(inst.argv[:1]),
+        "command": list(inst.argv[1:]),
         "image": inst.image,
         "model": {"kind": inst.model.kind, "ref": inst.model.ref},
-        "mounts": [
-            {"source": m.source, "target": m.target, "read_only": m.read_only}
-            for m in inst.mounts
-        ],
-        # the same mounts and GPUs in the forms docker_container takes
         "volumes": [f"{m.source}:{m.target}:{'ro' if m.read_only else 'rw'}" for m in inst.mounts],
-        "device_ids": [str(g) for g in inst.gpus],
+        "device_requests": [{"driver": "nvidia", "device_ids": [str(g) for g in inst.gpus],
+                             "capabilities": [["gpu"]]}] if inst.gpus else [],
+        "labels": {"evalprov.managed": "true", "evalprov.instance": inst.name,
+                   "evalprov.spec_hash": inst.spec_hash, "evalprov.port": str(inst.port)},
         "env": dict(inst.env),
         "env_names": list(inst.env_names),
         "spec_hash": inst.spec_hash,
+        "label": f"{inst.name} port {inst.port} GPUs {','.join(map(str, inst.gpus)) or 'none'}",
     }
 
 
@@ -50,69 +50,110 @@ def task_vars(run: TaskRun) -> dict[str, Any]:
     }
 
 
-def render(plan: Plan) -> dict[str, Any]:
-    """The inventory as a dict (YAML inventory format): group vars under all.vars, per-host
-    plan under all.hosts. Connection variables stay in the user's own inventory."""
-    images = sorted({i.image for i in plan.instances})
-    common: dict[str, Any] = {
-        "evalprov_runtime": plan.runtime,
-        "evalprov_image_name": images[0] if images and plan.runtime == "docker" else None,
+def common_vars(plan: Plan) -> dict[str, Any]:
+    """What every host's roles get from the plan before any fact is known (the same on every
+    host): what the probe looks at and how the roles run."""
+    from evalprov.check import pull_policy
+
+    process = plan.runtime == "process"
+    state_dir = f"{plan.work_dir}/vllm"
+    out: dict[str, Any] = {
+        "evalprov_preflight_runtime": plan.runtime,
+        "evalprov_preflight_image": plan.image,
+        "evalprov_preflight_remote_digest": bool(plan.image) and pull_policy(plan) == "always",
+        "evalprov_preflight_dirs": list(plan.checkpoints),
+        "evalprov_preflight_disk_paths": list(plan.disk_paths),
+        "evalprov_preflight_venvs": {"vllm": plan.vllm_venv, "harness": plan.harness_venv}
+        if process else {},
+        "evalprov_preflight_state_dir": state_dir,
+        "evalprov_preflight_health_path": plan.health_path,
+        "evalprov_preflight_served_model_name": plan.served_model_name,
+        "evalprov_image_name": plan.image,
+        "evalprov_vllm_runtime": plan.runtime,
+        "evalprov_vllm_state_dir": state_dir,
         "evalprov_health_path": plan.health_path,
         "evalprov_health_timeout": plan.health_timeout,
         "evalprov_health_served_model_name": plan.served_model_name,
+        "evalprov_health_runtime": plan.runtime,
+        "evalprov_health_state_dir": state_dir,
+        "evalprov_eval_runtime": plan.runtime,
         "evalprov_eval_concurrency": plan.eval_concurrency,
-        "evalprov_eval_work_dir": plan.work_dir,
+        "evalprov_eval_harness_venv": plan.harness_venv,
+        "evalprov_eval_samples_dest": f"{plan.work_dir}/samples",
     }
-    if plan.runtime == "process":
-        common.update({
-            "evalprov_vllm_state_dir": f"{plan.work_dir}/vllm",
-            "evalprov_vllm_venv": plan.vllm_venv,
-            "evalprov_vllm_package": plan.vllm_package,
-            "evalprov_vllm_cpu": plan.device == "cpu",
-            "evalprov_eval_harness_venv": plan.harness_venv,
-        })
-    if plan.sample_data:
-        common["evalprov_eval_sample_data"] = True
+    if process:
+        out.update({"evalprov_vllm_venv": plan.vllm_venv,
+                    "evalprov_vllm_package": plan.vllm_package,
+                    "evalprov_vllm_cpu": plan.device == "cpu"})
+    return out
+
+
+def render(plan: Plan) -> dict[str, Any]:
+    """The inventory as a dict (YAML inventory format): the common variables under all.vars,
+    and per host what the plan puts there (its instances and tasks; `apply` turns them into
+    actions against the probe's facts). Connection variables stay in the user's inventory."""
     hosts: dict[str, Any] = {}
     for hp in plan.hosts:
-        checkpoints = sorted({i.model.ref for i in hp.instances if i.model.kind == "checkpoint"})
         hosts[hp.host] = {
-            "evalprov_vllm_instances": [instance_vars(i) for i in hp.instances],
-            "evalprov_preflight_gpus_required": (
-                max((g for i in hp.instances for g in i.gpus), default=-1) + 1
-            ),
-            "evalprov_preflight_ports": [i.port for i in hp.instances],
-            "evalprov_preflight_gpus_expected": hp.gpus_total,
-            "evalprov_preflight_checkpoints": checkpoints,
-            "evalprov_preflight_disk_paths": sorted(
-                {m.source for i in hp.instances for m in i.mounts if not m.read_only}
-            ),
-            "evalprov_eval_tasks": [task_vars(t) for t in hp.tasks],
+            "evalprov_plan_gpus": hp.gpus_total,
+            "evalprov_plan_instances": [instance_vars(i) for i in hp.instances],
+            "evalprov_plan_tasks": [task_vars(t) for t in hp.tasks],
         }
-    return {"all": {"vars": common, "hosts": hosts}}
+    return {"all": {"vars": common_vars(plan), "hosts": hosts}}
+
+
+class Unsafe(str):
+    """A string Ansible must take as written: dumped with the !unsafe tag."""
+
+
+def unsafe(data: Any) -> Any:
+    """Every string in data (keys too) marked Unsafe: nothing evalprov hands Ansible is ever
+    templated, whatever it contains (`{{ }}`, `{% %}`, a `#jinja2:` header)."""
+    if isinstance(data, str):
+        return Unsafe(data)
+    if isinstance(data, dict):
+        return {unsafe(k): unsafe(v) for k, v in data.items()}
+    if isinstance(data, list | tuple):
+        return [unsafe(v) for v in data]
+    return data
+
+
+def ansible_vars(variables: dict[str, Any]) -> str:
+    """Variables as an Ansible vars/extravars YAML file: names plain, every value unsafe."""
+    return _dump({k: unsafe(v) for k, v in variables.items()})
+
+
+def inventory_file(rendered: dict[str, Any]) -> str:
+    """A rendered inventory as a file for Ansible: structure plain, every value unsafe."""
+    a = rendered["all"]
+    return _dump({"all": {
+        "vars": {k: unsafe(v) for k, v in a.get("vars", {}).items()},
+        "hosts": {h: {k: unsafe(v) for k, v in (hv or {}).items()}
+                  for h, hv in a.get("hosts", {}).items()},
+    }})
 
 
 class _AnsibleDumper(yaml.SafeDumper):
-    """YAML for Ansible to read: a string that looks like a Jinja template is tagged
-    ``!unsafe`` so Ansible uses it as written instead of templating it (a
-    `--chat-template '{% for m in messages %}...'` argument reaches vLLM unchanged, and
-    `{{ lookup('pipe', ...) }}` in a config runs nothing on the controller)."""
+    """YAML for Ansible to read; strings marked Unsafe are tagged ``!unsafe`` so Ansible uses
+    them as written (a `--chat-template '{% for m in messages %}...'` argument reaches vLLM
+    unchanged, and `{{ lookup('pipe', ...) }}` in a config runs nothing on the controller)."""
 
     def ignore_aliases(self, data: Any) -> bool:  # shared run configs are written out in full
         return True
 
 
-def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
-    if any(m in value for m in JINJA_MARKERS):
-        return dumper.represent_scalar("!unsafe", value)
-    return dumper.represent_str(value)
+def _represent_unsafe(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
+    return dumper.represent_scalar("!unsafe", str(value))
 
 
-_AnsibleDumper.add_representer(str, _represent_str)
+_AnsibleDumper.add_representer(Unsafe, _represent_unsafe)
 
 
-def to_yaml(data: dict[str, Any]) -> str:
-    """The rendered inventory as an Ansible YAML inventory file (see _AnsibleDumper).
-    Whatever hands render() to Ansible, or prints it as an inventory, should write it so."""
+def to_yaml(rendered: dict[str, Any]) -> str:
+    """A rendered inventory as `evalprov inventory` prints it and Ansible reads it."""
+    return inventory_file(rendered)
+
+
+def _dump(data: dict[str, Any]) -> str:
     return yaml.dump(data, Dumper=_AnsibleDumper, sort_keys=False, default_flow_style=False,
                      width=100)

@@ -95,6 +95,15 @@ class TaskRun:
     def id(self) -> str:
         return f"{self.harness}.{self.task}"
 
+    @property
+    def slug(self) -> str:
+        return slug(self.name)
+
+
+def slug(name: str) -> str:
+    """A task's directory and archive name, on the host and on the controller."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+
 
 @dataclass(frozen=True)
 class HostPlan:
@@ -122,6 +131,16 @@ class Plan:
     vllm_package: str = "vllm"
     harness_venv: str = "/opt/evalprov/harness-venv"
     sample_data: bool = False
+    image: str | None = None  # the docker runtime's image (None: process runtime)
+    image_pull_policy: str | None = None  # missing | always | None: by the tag (check.py)
+    checkpoints: tuple[str, ...] = ()  # host directories the instances serve from
+    disk_paths: tuple[str, ...] = ()  # host directories that receive weights
+
+    def host(self, name: str) -> HostPlan:
+        for h in self.hosts:
+            if h.host == name:
+                return h
+        raise KeyError(name)
 
     @property
     def instances(self) -> list[Instance]:
@@ -439,7 +458,18 @@ def plan(config: Config, hosts: list[HostFacts]) -> Plan:
         vllm_package=config.execution.vllm_pip_spec,
         harness_venv=config.execution.harness_venv,
         sample_data=config.execution.sample_data,
+        image=dep.image if isinstance(dep, VllmDeployment) and config.execution.runtime
+        == "docker" else None,
+        image_pull_policy=getattr(config.execution, "image_pull_policy", None),
+        checkpoints=tuple(sorted({i.model.ref for i in instances_list(instances)
+                                  if i.model.kind == "checkpoint"})),
+        disk_paths=tuple(sorted({m.source for i in instances_list(instances)
+                                 for m in i.mounts if not m.read_only})),
     )
+
+
+def instances_list(instances: dict[str, tuple[Instance, ...]]) -> list[Instance]:
+    return [i for insts in instances.values() for i in insts]
 
 
 __all__ = ["HostFacts", "Instance", "NoneDeployment", "Plan", "TaskRun", "plan"]

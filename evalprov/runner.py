@@ -1,15 +1,22 @@
 """ansible-runner: a 0700 private data dir per run, the plan as inventory variables, live
 progress per host from runner events, and per-host results from runner stats.
 
+The Ansible side is the collection evalprov.fleet inside this package (found with
+importlib.resources, so an installed wheel applies from any directory). Every value handed
+to Ansible is written by one function (inventory.ansible_vars / inventory_file) that marks
+it !unsafe: nothing from a config, inventory, the environment or the command line is ever
+templated.
+
 Secrets never touch a file: ansible-runner writes its envvars, extravars and even the whole
 environment of ansible-playbook (artifacts/<id>/command) to disk, so the run gets an
-allow-listed environment, and secret values travel through an anonymous in-memory file
-(memfd) that the playbook reads by its /proc path under no_log.
+allow-listed environment, and secret values (and decide's inputs) travel through anonymous
+in-memory files (memfd) that the playbook reads by their /proc paths.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.resources
 import json
 import os
 import sys
@@ -19,11 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from evalprov.inventory import to_yaml
+from evalprov.inventory import ansible_vars, inventory_file
 
-ROOT = Path(__file__).resolve().parent.parent
-PLAYBOOKS = Path(os.environ.get("EVALPROV_PLAYBOOKS_DIR", ROOT / "playbooks"))
-ROLES = Path(os.environ.get("EVALPROV_ROLES_DIR", ROOT / "roles"))
+# The directory holding ansible_collections/evalprov/fleet (the package itself).
+COLLECTIONS = Path(str(importlib.resources.files("evalprov")))
+COLLECTION = COLLECTIONS / "ansible_collections" / "evalprov" / "fleet"
+PLAYBOOKS = COLLECTION / "playbooks"
 
 
 @dataclass
@@ -47,6 +55,7 @@ class RunResult:
     private_data_dir: Path
     tasks: list[dict[str, Any]] = field(default_factory=list)  # evaluation results
     interrupted: bool = False
+    decision: dict[str, Any] | None = None  # what evalprov_decide returned
 
     @property
     def failed_hosts(self) -> list[str]:
@@ -64,7 +73,7 @@ def _private_dir(run_dir: Path) -> Path:
 # What ansible-playbook may inherit from the caller's environment (no secrets in these).
 ENV_ALLOW = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "TERM", "TZ", "TMPDIR",
              "SSH_AUTH_SOCK", "VIRTUAL_ENV", "PYTHONPATH")
-ENV_ALLOW_PREFIX = ("ANSIBLE_", "EVALPROV_PLAYBOOKS_DIR", "EVALPROV_ROLES_DIR")
+ENV_ALLOW_PREFIX = ("ANSIBLE_",)
 
 
 @contextlib.contextmanager
@@ -73,6 +82,10 @@ def clean_environ() -> Iterator[None]:
     it), restoring the caller's environment afterwards."""
     saved = dict(os.environ)
     keep = {k: v for k, v in saved.items() if k in ENV_ALLOW or k.startswith(ENV_ALLOW_PREFIX)}
+    # the ansible-playbook of this evalprov's own environment (a venv's bin may not be on
+    # PATH when evalprov is started by its full path)
+    keep["PATH"] = os.pathsep.join([str(Path(sys.executable).parent),
+                                    keep.get("PATH") or os.defpath])
     os.environ.clear()
     os.environ.update(keep)
     try:
@@ -83,24 +96,32 @@ def clean_environ() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def secret_channel(values: dict[str, Any] | None) -> Iterator[str]:
-    """A path ansible-playbook can read the secret values from (JSON), backed by memory only
-    and gone when the run ends; "" when there is nothing secret."""
-    if not values:
+def memory_file(data: bytes | None) -> Iterator[str]:
+    """A path ansible-playbook (a child of this process) can read data from, backed by
+    memory only and gone when the run ends; "" when there is no data."""
+    if not data:
         yield ""
         return
-    fd = os.memfd_create("evalprov-secrets", 0)
+    fd = os.memfd_create("evalprov", 0)
     try:
-        os.write(fd, json.dumps(values).encode())
+        os.write(fd, data)
         yield f"/proc/{os.getpid()}/fd/{fd}"
     finally:
         os.close(fd)
 
 
+def secret_channel(values: dict[str, Any] | None):
+    """Secret values as JSON in a memory file (see memory_file)."""
+    return memory_file(json.dumps(values).encode() if values else None)
+
+
 def ansible_env(pdd: Path, forks: int | None) -> dict[str, str]:
     """Non-secret Ansible settings: pipelining and SSH connection reuse on by default."""
+    paths = [str(COLLECTIONS), *filter(None, os.environ.get("ANSIBLE_COLLECTIONS_PATH", "")
+                                       .split(os.pathsep)),
+             str(Path.home() / ".ansible" / "collections"), "/usr/share/ansible/collections"]
     env = {
-        "ANSIBLE_ROLES_PATH": str(ROLES),
+        "ANSIBLE_COLLECTIONS_PATH": os.pathsep.join(dict.fromkeys(paths)),
         "ANSIBLE_PIPELINING": "True",
         "ANSIBLE_SSH_ARGS": "-o ControlMaster=auto -o ControlPersist=120s",
         "ANSIBLE_GATHERING": "explicit",
@@ -119,9 +140,12 @@ class Progress:
     """Turns runner events into one line per host per task (skips are counted, not shown)."""
 
     def __init__(self, out=None, check: bool = False, diff: bool = False,
-                 on_task_start: Callable[[str, str], None] | None = None) -> None:
+                 on_task_start: Callable[[str, str], None] | None = None,
+                 on_decision: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.out = out or sys.stderr
-        self.on_task_start = on_task_start
+        self.on_task_start = on_task_start  # (host, module) when a task starts on a host
+        self.on_decision = on_decision  # evalprov_decide's result, as soon as it is made
+        self.decision: dict[str, Any] | None = None
         self.check = check
         self.diff = diff
         self.hosts: dict[str, HostResult] = {}
@@ -136,7 +160,7 @@ class Progress:
         data = event.get("event_data") or {}
         host = data.get("host")
         if kind == "runner_on_start" and host and self.on_task_start:
-            self.on_task_start(host, data.get("task", ""))
+            self.on_task_start(host, _action(data))
         if not host or kind not in ("runner_on_ok", "runner_on_failed", "runner_on_unreachable",
                                     "runner_on_skipped"):
             return True
@@ -153,10 +177,20 @@ class Progress:
             hr.errors.append(f"unreachable: {msg}")
             print(f"{t} {host:<20} UNREACHABLE  {task}: {msg}", file=self.out, flush=True)
             return True
-        if "gpus" in res and "docker" in res and "instances" in res:
-            self.facts[host] = {k: res.get(k) for k in ("gpus", "docker", "ports_busy",
-                                                        "paths_missing", "disk_free_gib",
-                                                        "instances")}
+        if res.get("evalprov_facts"):  # the probe's raw facts
+            self.facts[host] = res
+        if res.get("evalprov_decision"):
+            self.decision = res
+            if self.on_decision:
+                self.on_decision(res)
+            if kind == "runner_on_failed":
+                for problem in res.get("problems") or []:
+                    who = problem.split(":", 1)[0].removeprefix("host ")
+                    self._host(who if who in self.facts else host).errors.append(problem)
+                    print(f"{t} {who if who in self.facts else host:<20} FAILED       "
+                          f"{problem}", file=self.out, flush=True)
+                self._host(host).failed += 1
+                return True
         if kind == "runner_on_failed":
             if data.get("ignore_errors"):
                 return True
@@ -181,13 +215,18 @@ class Progress:
         else:
             hr.ok += 1
         word = ("would change" if self.check else "changed") if changed else "ok"
-        if task.startswith("Validating arguments against arg spec") and not changed:
+        if _action(data).endswith("validate_argument_spec") and not changed:
             return True
         print(f"{t} {host:<20} {word:<12} {task}", file=self.out, flush=True)
         if self.diff and changed:
             for d in _diffs(res):
                 print(f"{'':>8}{host:<20} diff: {d}", file=self.out, flush=True)
         return True
+
+
+def _action(data: dict[str, Any]) -> str:
+    """The module or action a task runs (resolved FQCN where the event has it)."""
+    return str(data.get("resolved_action") or data.get("task_action") or "")
 
 
 def _leaf_diffs(before: Any, after: Any, path: str) -> list[str]:
@@ -228,28 +267,36 @@ def run_playbook(
     skip_tags: str | None = None,
     forks: int | None = None,
     secrets: dict[str, Any] | None = None,
+    inputs: bytes | None = None,
     progress: Callable[[dict[str, Any]], bool] | None = None,
     cancel: Callable[[], bool] | None = None,
 ) -> RunResult:
+    """One ansible-playbook run of the collection's `playbook`. plan_vars (an inventory dict)
+    and extravars reach Ansible only as !unsafe data; secrets and decide's inputs only
+    through memory files."""
     import ansible_runner
 
     pdd = _private_dir(run_dir)
     sources = list(inventories)
     if plan_vars:
         vars_file = pdd / "inventory" / "zz-evalprov-plan.yml"
-        vars_file.write_text(to_yaml(plan_vars))  # !unsafe: argv is never templated by Ansible
+        vars_file.write_text(inventory_file(plan_vars))
         sources.append(str(vars_file))
-    cmdline = " ".join(x for x in ("--check" if check else "", "--diff" if diff else "") if x)
     handler = progress or Progress(check=check, diff=diff)
     t0 = time.monotonic()
-    with secret_channel(secrets) as secrets_path, clean_environ():
+    with memory_file(inputs) as inputs_path, secret_channel(secrets) as secrets_path, \
+            clean_environ():
+        extra = pdd / "env" / "evalprov-vars.yml"
+        extra.parent.mkdir(parents=True, exist_ok=True)
+        extra.write_text(ansible_vars({**(extravars or {}), "evalprov_secrets_file": secrets_path,
+                                       "evalprov_inputs_file": inputs_path}))
+        flags = [f for f, on in (("--check", check), ("--diff", diff)) if on]
         r = ansible_runner.run(
             private_data_dir=str(pdd),
             playbook=str(PLAYBOOKS / playbook),
             inventory=sources,
-            extravars={**(extravars or {}), "evalprov_secrets_file": secrets_path},
             envvars=ansible_env(pdd, forks),
-            cmdline=cmdline or None,
+            cmdline=" ".join([*flags, "-e", f"@{extra}"]),
             limit=limit,
             tags=tags,
             skip_tags=skip_tags,
@@ -268,4 +315,5 @@ def run_playbook(
         for host, n in (stats.get(key) or {}).items():
             hr = hosts.setdefault(host, HostResult())
             setattr(hr, attr, n)
-    return RunResult(r.status, r.rc, hosts, getattr(handler, "facts", {}), seconds, pdd)
+    return RunResult(r.status, r.rc, hosts, getattr(handler, "facts", {}), seconds, pdd,
+                     decision=getattr(handler, "decision", None))

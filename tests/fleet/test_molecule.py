@@ -23,13 +23,14 @@ from tests.testbed.pytest_plugin import fleet_skip_reason
 pytestmark = pytest.mark.fleet
 
 ROOT = Path(__file__).resolve().parents[2]
+ROLES = ROOT / "evalprov" / "ansible_collections" / "evalprov" / "fleet" / "roles"
 PROVISIONING_ROLES = ("evalprov_preflight", "evalprov_image", "evalprov_vllm", "evalprov_health")
 SCENARIO_TIMEOUT = 300  # seconds; a scenario takes 20-45 s on 2 busy cores
 MOLECULE_NET = os.environ.get("EVALPROV_MOLECULE_NET") or "79"  # as tests/molecule/testbed.yml
 
 
 def scenario_roles() -> list[str]:
-    return sorted(p.parents[2].name for p in ROOT.glob("roles/*/molecule/default/molecule.yml"))
+    return sorted(p.parents[2].name for p in ROLES.glob("*/molecule/default/molecule.yml"))
 
 
 def test_every_provisioning_role_has_a_molecule_scenario():
@@ -63,7 +64,7 @@ def run_molecule_test(molecule: str, role: str, workdir: Path) -> tuple[int, str
     t0 = time.monotonic()
     proc = subprocess.Popen(
         [molecule, "test"],
-        cwd=ROOT / "roles" / role,
+        cwd=ROLES / role,
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -77,7 +78,7 @@ def run_molecule_test(molecule: str, role: str, workdir: Path) -> tuple[int, str
         out, _ = proc.communicate()
         # leave neither molecule's state ("created") nor the fleet behind for the next run
         for argv, cwd in (
-            ([molecule, "destroy"], ROOT / "roles" / role),
+            ([molecule, "destroy"], ROLES / role),
             ([sys.executable, "-m", "tests.testbed", "down", "--net", MOLECULE_NET, "--rm"], ROOT),
         ):
             subprocess.run(argv, cwd=cwd, env=env, capture_output=True, timeout=120, check=False)

@@ -32,6 +32,9 @@ options:
   spec_hash:
     description: Hash of the planned spec; same hash and running means nothing to do.
     type: str
+  port:
+    description: Port the instance serves on (kept in the state file for the probe).
+    type: int
   state_dir:
     description: Where state files, pid files and logs live.
     type: path
@@ -56,6 +59,11 @@ import subprocess
 import time
 
 from ansible.module_utils.basic import AnsibleModule
+from ansible_collections.evalprov.fleet.plugins.module_utils.evalprov_host import (
+    is_ours,
+    pid_alive,
+    proc_stat,
+)
 
 
 def read_state(path):
@@ -66,28 +74,9 @@ def read_state(path):
         return {}
 
 
-def pid_alive(pid):
-    if not pid:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1][:1] not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
-
-
 def start_time(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def is_ours(state):
-    """The recorded process still runs (same pid AND same start time: no pid reuse)."""
-    pid = state.get("pid")
-    return pid_alive(pid) and start_time(pid) == state.get("start_time")
+    st = proc_stat(pid)
+    return st[1] if st else None
 
 
 def systemd_is_init():
@@ -178,6 +167,7 @@ def main():
             "venv": {"type": "path"},
             "env": {"type": "dict", "default": {}, "no_log": True},
             "spec_hash": {"type": "str"},
+            "port": {"type": "int"},
             "state_dir": {"type": "path", "required": True},
             "supervisor": {"type": "str", "choices": ["auto", "systemd", "background"],
                            "default": "auto"},
@@ -218,6 +208,7 @@ def main():
     else:
         pid = start_background(p, log_path)
     new = {"pid": pid, "start_time": start_time(pid), "spec_hash": p["spec_hash"],
+           "port": p["port"],
            "supervisor": supervisor, "argv": p["argv"], "log": log_path}
     tmp = state_path + ".tmp"
     with open(tmp, "w") as f:

@@ -39,66 +39,74 @@ options:
     description: The process runtime's state files.
     type: path
     default: /var/lib/evalprov/vllm
+  log_lines:
+    description: Log lines of a failed instance returned (log_tail) for the controller.
+    type: int
+    default: 200
 author: evalprov
 """
 
-import json
+import os
 import shutil
 import subprocess
 import time
-import urllib.request
 
 from ansible.module_utils.basic import AnsibleModule
+from ansible_collections.evalprov.fleet.plugins.module_utils.evalprov_host import (
+    container_state,
+    health,
+    is_ours,
+    read_state,
+)
 
-
-def get(url, timeout=3):
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - loopback
-            return resp.status, resp.read(65536)
-    except Exception:
-        return 0, b""
+# Lines that name why a server stopped, in vLLM's and Python's own words: the first one is
+# quoted first, ahead of the errors it causes further down the log.
+DECISIVE = ("must be divisible by", "out of memory", "OutOfMemoryError", "No such file",
+            "not found", "Permission denied", "Address already in use", "ValueError:",
+            "RuntimeError:", "OSError:", "ImportError:", "ModuleNotFoundError:", "error:")
 
 
 def process_state(state_dir, name):
-    try:
-        with open(f"{state_dir}/{name}.json") as f:
-            rec = json.load(f)
-        with open(f"/proc/{rec['pid']}/stat") as f:
-            fields = f.read().split(") ", 1)[1].split()
-    except (OSError, ValueError, KeyError, IndexError):
-        return {"running": False, "status": "exited", "exit_code": None, "restarts": 0}
-    running = fields[0] not in ("Z", "X") and fields[19] == rec.get("start_time")
+    rec = read_state(state_dir, name)
+    running = bool(rec) and is_ours(rec)
     return {"running": running, "status": "running" if running else "exited",
             "exit_code": None, "restarts": 0}
 
 
-def container_state(name):
-    docker = shutil.which("docker")
-    if not docker:
-        return None
-    proc = subprocess.run([docker, "inspect", "--type", "container", "--format",
-                           "{{.State.Running}} {{.State.Status}} {{.State.ExitCode}} "
-                           "{{.RestartCount}}", name],
-                          capture_output=True, text=True, timeout=20)
-    if proc.returncode != 0:
-        return {"running": False, "status": "missing", "exit_code": None, "restarts": 0}
-    running, status, code, restarts = [*proc.stdout.split(), "", "", "", ""][:4]
-    return {"running": running == "true", "status": status, "exit_code": code,
-            "restarts": int(restarts or 0)}
-
-
-def ready(port, health_path, served):
-    status, _ = get(f"http://127.0.0.1:{port}{health_path}")
-    if status != 200:
-        return False, f"{health_path} not 200"
-    status, body = get(f"http://127.0.0.1:{port}/v1/models")
+def log_tail(runtime, state_dir, name, lines):
+    if runtime == "docker":
+        docker = shutil.which("docker") or "docker"
+        try:
+            proc = subprocess.run([docker, "logs", "--tail", str(lines), name],
+                                  capture_output=True, text=True, timeout=30, check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return f"(no log: {exc})"
+        return (proc.stdout + proc.stderr)[-200000:]
     try:
-        ids = [m.get("id") for m in json.loads(body or b"{}").get("data", [])]
-    except ValueError:
-        ids = []
-    if status != 200 or (served and served not in ids):
-        return False, f"/v1/models lists {ids}, not {served}"
-    return True, ""
+        with open(os.path.join(state_dir, name + ".log"), "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 200000))
+            return "\n".join(f.read().decode("utf-8", "replace").splitlines()[-lines:])
+    except OSError as exc:
+        return f"(no log: {exc})"
+
+
+def decisive_line(text):
+    for line in text.splitlines():
+        if any(k in line for k in DECISIVE):
+            return line.strip()[:300]
+    return ""
+
+
+def stopped_message(runtime, name, state, tail):
+    cause = decisive_line(tail)
+    if runtime == "docker":
+        how = (f"container {state['status']}, exit code {state['exit_code']}, "
+               f"{state['restarts']} restart(s)")
+    else:
+        how = "the vllm serve process exited"
+    head = f"instance {name} stopped before it became healthy"
+    return f"{head}: {cause} ({how})" if cause else f"{head} ({how})"
 
 
 def main():
@@ -111,6 +119,7 @@ def main():
             "interval": {"type": "float", "default": 1.0},
             "runtime": {"type": "str", "default": "docker"},
             "state_dir": {"type": "path", "default": "/var/lib/evalprov/vllm"},
+            "log_lines": {"type": "int", "default": 200},
         },
         supports_check_mode=True,
     )
@@ -123,7 +132,7 @@ def main():
     healthy, why, restarts = {}, {}, {}
     while pending:
         for name, inst in list(pending.items()):
-            ok, reason = ready(inst["port"], p["health_path"], p["served_model_name"])
+            ok, reason = health(inst["port"], p["health_path"], p["served_model_name"])
             if ok:
                 healthy[name] = round(time.monotonic() - start, 1)
                 del pending[name]
@@ -137,16 +146,16 @@ def main():
             # a restart policy brings an exited server back: a restart is an exit too
             if not state["running"] or state["status"] == "restarting" \
                     or state["restarts"] > first:
-                module.fail_json(
-                    msg=f"instance {name} stopped before it became healthy (container "
-                        f"{state['status']}, exit code {state['exit_code']}, "
-                        f"{state['restarts']} restart(s))",
-                    failed_instance=name, healthy=healthy, reason="exited")
+                tail = log_tail(p["runtime"], p["state_dir"], name, p["log_lines"])
+                module.fail_json(msg=stopped_message(p["runtime"], name, state, tail),
+                                 failed_instance=name, healthy=healthy, reason="exited",
+                                 log_tail=tail)
         if not pending:
             break
         if time.monotonic() >= deadline:
             name = sorted(pending)[0]
-            module.fail_json(
+            tail = log_tail(p["runtime"], p["state_dir"], name, p["log_lines"])
+            module.fail_json(log_tail=tail,
                 msg=f"instance {name} not healthy after {p['timeout']} s ({why.get(name)}); "
                     "raise execution.health_check_timeout if the model loads slowly",
                 failed_instance=name, healthy=healthy, reason="timeout")

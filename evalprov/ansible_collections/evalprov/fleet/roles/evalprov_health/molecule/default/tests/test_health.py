@@ -8,9 +8,9 @@ import pytest
 import yaml
 
 HOST_VARS = yaml.safe_load(
-    (Path(__file__).resolve().parents[5] / "tests/molecule/host_vars.yml").read_text()
+    (Path(__file__).resolve().parents[9] / "tests/molecule/host_vars.yml").read_text()
 )
-INSTANCES = HOST_VARS["evalprov_vllm_instances"]
+INSTANCES = HOST_VARS["evalprov_vllm_start"]
 
 
 @pytest.mark.parametrize("inst", INSTANCES, ids=lambda i: i["name"])

@@ -7,7 +7,7 @@ from pathlib import Path
 import yaml
 
 HOST_VARS = yaml.safe_load(
-    (Path(__file__).resolve().parents[5] / "tests/molecule/host_vars.yml").read_text()
+    (Path(__file__).resolve().parents[9] / "tests/molecule/host_vars.yml").read_text()
 )
 MANIFEST_TYPES = ",".join(
     [

@@ -10,9 +10,9 @@ import pytest
 import yaml
 
 HOST_VARS = yaml.safe_load(
-    (Path(__file__).resolve().parents[5] / "tests/molecule/host_vars.yml").read_text()
+    (Path(__file__).resolve().parents[9] / "tests/molecule/host_vars.yml").read_text()
 )
-INSTANCES = HOST_VARS["evalprov_vllm_instances"]
+INSTANCES = HOST_VARS["evalprov_vllm_start"]
 
 
 def secrets() -> dict:
@@ -43,13 +43,13 @@ def test_container_runs_the_planned_argv_gpus_and_spec_hash(host, inst):
     labels = info["Config"]["Labels"]
     assert labels["evalprov.spec_hash"] == inst["spec_hash"]
     assert labels["evalprov.managed"] == "true" and labels["evalprov.instance"] == inst["name"]
-    assert [d["DeviceIDs"] for d in info["HostConfig"]["DeviceRequests"]] == [inst["device_ids"]]
+    assert [d["DeviceIDs"] for d in info["HostConfig"]["DeviceRequests"]] == [inst["device_requests"][0]["device_ids"]]
     assert info["HostConfig"]["NetworkMode"] == "host"
     assert info["HostConfig"]["Binds"] == inst["volumes"]
 
     argv, env = process(host, inst["name"])
     # the stand-in's `vllm` launcher execs python on server.py with vllm's own arguments
     assert argv[3:] == inst["argv"][1:]
-    assert env["NVIDIA_VISIBLE_DEVICES"] == ",".join(inst["device_ids"])
+    assert env["NVIDIA_VISIBLE_DEVICES"] == ",".join(inst["device_requests"][0]["device_ids"])
     for name, value in secrets().items():
         assert env[name] == value

@@ -1,0 +1,224 @@
+"""check(plan, facts): the probe's raw facts of each host against the plan -> the problems
+and, per host, the actions the roles carry out. Pure: no I/O, no Ansible.
+
+The probe only reports what it sees (GPUs, docker, listening ports, paths, disk, venvs, the
+image present and each instance evalprov made with its labels and health). Every decision
+made from those facts is made here, once: does the host fit, which instances to (re)create,
+which to remove, which to wait for, whether to pull or install, and whether the host is
+converged (then the serve play skips it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from evalprov.plan import Instance, Plan
+
+# Free GiB required in each directory that receives weights and in docker's root dir.
+MIN_DISK_GIB = 1.0
+
+
+@dataclass(frozen=True)
+class Unit:
+    """An instance evalprov made on a host, as the probe found it."""
+
+    name: str
+    spec_hash: str
+    running: bool
+    serving: bool
+    port: int | None = None
+    image_id: str = ""
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    """Raw facts of one host (the probe's return value, parsed)."""
+
+    gpu_count: int
+    gpu_error: str = ""
+    docker_present: bool = False
+    docker_running: bool = False
+    nvidia_runtime: bool = False
+    docker_root: str = "/var/lib/docker"
+    image_id: str = ""  # the local image of the planned name ("" when absent)
+    image_digests: tuple[str, ...] = ()  # its repo digests
+    remote_digest: str = ""  # what the registry serves for the name now ("" unknown)
+    listening: frozenset[int] = frozenset()
+    dirs: dict[str, bool] = field(default_factory=dict)  # path -> is a directory
+    disk_free_gib: dict[str, float | None] = field(default_factory=dict)
+    units: dict[str, Unit] = field(default_factory=dict)
+    venvs: dict[str, bool] = field(default_factory=dict)
+    local: bool = False  # Ansible reaches it with connection: local
+
+    @classmethod
+    def from_probe(cls, res: dict[str, Any], local: bool = False) -> HostFacts:
+        g = res.get("gpus") or {}
+        d = res.get("docker") or {}
+        img = d.get("image") or {}
+        units = {}
+        for name, u in (res.get("units") or {}).items():
+            port = u.get("port")
+            units[name] = Unit(name, str(u.get("spec_hash") or ""), bool(u.get("running")),
+                               bool(u.get("serving")),
+                               int(port) if isinstance(port, int | str) and str(port).isdigit()
+                               else None, str(u.get("image_id") or ""))
+        return cls(
+            gpu_count=int(g.get("count") or 0), gpu_error=str(g.get("error") or ""),
+            docker_present=bool(d.get("present")), docker_running=bool(d.get("running")),
+            nvidia_runtime=bool(d.get("nvidia_runtime")),
+            docker_root=str(d.get("root_dir") or "/var/lib/docker"),
+            image_id=str(img.get("id") or ""),
+            image_digests=tuple(img.get("digests") or ()),
+            remote_digest=str(d.get("remote_digest") or ""),
+            listening=frozenset(int(p) for p in res.get("listening") or ()),
+            dirs={str(k): bool(v) for k, v in (res.get("dirs") or {}).items()},
+            disk_free_gib=dict(res.get("disk_free_gib") or {}),
+            units=units,
+            venvs={str(k): bool(v) for k, v in (res.get("venvs") or {}).items()},
+            local=local,
+        )
+
+
+@dataclass(frozen=True)
+class HostActions:
+    """What the roles do on one host. Empty lists: nothing to do."""
+
+    host: str
+    start: tuple[Instance, ...] = ()  # (re)create these, in this order
+    remove: tuple[str, ...] = ()  # instances evalprov made that the plan no longer has
+    wait: tuple[Instance, ...] = ()  # wait for /health and the model on these
+    pull: bool = False
+    install_vllm: bool = False
+    install_harness: bool = False
+    reasons: tuple[str, ...] = ()  # one line per action, for --check and the log
+    tasks: int = 0
+
+    @property
+    def converged(self) -> bool:
+        return not (self.start or self.remove or self.wait or self.pull or self.install_vllm
+                    or self.install_harness or self.tasks)
+
+
+@dataclass(frozen=True)
+class Checked:
+    problems: tuple[str, ...]
+    hosts: dict[str, HostActions]
+
+
+def pull_policy(plan: Plan) -> str:
+    """missing: pull when the host lacks the image; always: every apply asks the registry
+    (the default for a :latest or untagged image, whose content moves)."""
+    if plan.image_pull_policy in ("missing", "always"):
+        return plan.image_pull_policy
+    image = plan.image or ""
+    name = image.rsplit("/", 1)[-1]
+    if "@" in image:
+        return "missing"
+    return "always" if ":" not in name or name.endswith(":latest") else "missing"
+
+
+def problems_of(plan: Plan, host: str, f: HostFacts) -> list[str]:
+    """One sentence per problem: the host, the value, and the fix."""
+    hp = plan.host(host)
+    out = []
+    need = max((g for i in hp.instances for g in i.gpus), default=-1) + 1
+    if need > f.gpu_count:
+        seen = f.gpu_error or "nvidia-smi"
+        out.append(f"host {host}: has {f.gpu_count} GPUs ({seen}) but the plan needs {need}; "
+                   "lower tensor/pipeline/data parallel sizes or instances_per_host, or drop "
+                   "the host from the inventory")
+    elif hp.gpus_total is not None and hp.gpus_total != f.gpu_count and plan.gpus_per_instance:
+        out.append(f"host {host}: has {f.gpu_count} GPUs but the inventory says "
+                   f"{hp.gpus_total} (evalprov_gpu_count); fix the inventory or drop the "
+                   "variable to use the count nvidia-smi reports")
+    docker = plan.runtime == "docker" and bool(hp.instances)
+    if docker and not f.docker_present:
+        out.append(f"host {host}: docker is not installed; install docker")
+    elif docker and not f.docker_running:
+        out.append(f"host {host}: docker is installed but dockerd does not answer; start it")
+    if need > 0 and docker and f.docker_running and not f.nvidia_runtime:
+        out.append(f"host {host}: docker has no NVIDIA runtime (nvidia-container-runtime-hook "
+                   "not on PATH); install nvidia-container-toolkit and restart dockerd")
+    ours = {u.port for u in f.units.values() if u.running and u.port is not None}
+    busy = sorted(i.port for i in hp.instances if i.port in f.listening and i.port not in ours)
+    if busy:
+        out.append(f"host {host}: port(s) {', '.join(map(str, busy))} already in use by "
+                   "something evalprov did not start; stop it or set deployment.port")
+    for path in plan.checkpoints:
+        if hp.instances and not f.dirs.get(path, False):
+            out.append(f"host {host}: checkpoint_path {path} is not a directory on the host; "
+                       "copy the weights there or fix deployment.checkpoint_path")
+    disk = [*plan.disk_paths, f.docker_root] if docker else list(plan.disk_paths)
+    for path in sorted(set(disk)):
+        free = f.disk_free_gib.get(path)
+        if hp.instances and free is not None and free < MIN_DISK_GIB:
+            out.append(f"host {host}: {path} has {free} GiB free, less than {MIN_DISK_GIB} "
+                       "GiB; free space there")
+    return out
+
+
+def actions_of(plan: Plan, host: str, f: HostFacts) -> HostActions:
+    hp = plan.host(host)
+    reasons: list[str] = []
+    docker = plan.runtime == "docker"
+    pull = False
+    if docker and hp.instances and plan.image:
+        if not f.image_id:
+            pull = True
+            reasons.append(f"pull {plan.image} (not on the host)")
+        elif pull_policy(plan) == "always" and (
+                not f.remote_digest or f.remote_digest not in f.image_digests):
+            pull = True
+            reasons.append(f"pull {plan.image} (image_pull_policy always; registry digest "
+                           f"{f.remote_digest or 'unknown'})")
+    moved = pull and bool(f.remote_digest) and bool(f.image_id)
+    start, wait = [], []
+    for inst in hp.instances:
+        u = f.units.get(inst.name)
+        why = None
+        if u is None:
+            why = "not there"
+        elif u.spec_hash != inst.spec_hash:
+            why = f"spec changed ({u.spec_hash or 'none'} -> {inst.spec_hash})"
+        elif not u.running:
+            why = "not running"
+        elif docker and f.image_id and u.image_id and u.image_id != f.image_id:
+            why = f"runs an older image ({u.image_id[:19]}, host has {f.image_id[:19]})"
+        elif moved:
+            why = f"image {plan.image} moved to {f.remote_digest[:19]}"
+        elif pull and not f.remote_digest:
+            why = "image pulled again (its digest decides)"
+        if why:
+            start.append(inst)
+            wait.append(inst)
+            reasons.append(f"recreate {inst.name}: {why}")
+        elif not u.serving:
+            wait.append(inst)
+            reasons.append(f"wait for {inst.name}: running but not serving yet")
+    planned = {i.name for i in hp.instances}
+    remove = tuple(sorted(n for n in f.units if n not in planned))
+    reasons.extend(f"remove {n}: not in the plan" for n in remove)
+    process = plan.runtime == "process"
+    install_vllm = process and bool(hp.instances) and not f.venvs.get("vllm", False)
+    install_harness = process and bool(hp.tasks) and not f.venvs.get("harness", False)
+    if install_vllm:
+        reasons.append(f"install {plan.vllm_package} into {plan.vllm_venv}")
+    if install_harness:
+        reasons.append(f"install the harness into {plan.harness_venv}")
+    reasons.extend(f"run task {t.name}" for t in hp.tasks)
+    return HostActions(host, tuple(start), remove, tuple(wait), pull, install_vllm,
+                       install_harness, tuple(reasons), len(hp.tasks))
+
+
+def check(plan: Plan, facts: dict[str, HostFacts]) -> Checked:
+    """Every problem of every host the plan has facts for, and each such host's actions."""
+    problems: list[str] = []
+    hosts: dict[str, HostActions] = {}
+    for hp in plan.hosts:
+        f = facts.get(hp.host)
+        if f is None:
+            continue
+        problems.extend(problems_of(plan, hp.host, f))
+        hosts[hp.host] = actions_of(plan, hp.host, f)
+    return Checked(tuple(problems), hosts)

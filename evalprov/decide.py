@@ -1,0 +1,261 @@
+"""decide(inputs, facts): the one place where an apply's actions are decided, in-process and
+pure. It runs inside the single ansible-playbook run of `evalprov apply` (the controller-side
+action plugin evalprov.fleet.evalprov_decide calls it between the probe and the roles) and
+again in evalprov itself on the same inputs and facts, so both see the same Decision.
+
+    inputs (config, hosts, ledger snapshot, run id)  +  raw facts of each probed host
+      -> plan (GPU counts from the facts for instances_per_host: auto)
+      -> tasks to run now (the ledger: finished ones are reused)
+      -> check: problems, and per host the actions
+      -> the variables each role gets (no arithmetic, naming or policy left for Ansible)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pickle
+from dataclasses import dataclass, field
+from typing import Any
+
+from evalprov.check import Checked, HostActions, HostFacts, check, pull_policy
+from evalprov.config.models import Config
+from evalprov.errors import PlanError
+from evalprov.harness import HARNESS_ENV
+from evalprov.inventory import instance_vars, task_vars
+from evalprov.plan import HostFacts as PlanHost
+from evalprov.plan import Plan, TaskRun, plan, slug
+
+# Where a task's directory is mounted in its harness container.
+CONTAINER_WORK = "/work"
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """Everything decide needs besides the facts; evalprov builds it before the run."""
+
+    config: Config
+    hosts: tuple[PlanHost, ...]  # inventory hosts, GPU counts as the inventory/cache know them
+    run_id: str
+    owner: str  # who this deployment is (labels its harness containers)
+    previous: dict[str, dict[str, Any]] = field(default_factory=dict)  # ledger, by attempt_id
+    rerun: str | None = None  # None | "failed" | "all"
+    evaluate: bool = True  # false: --skip-tags eval, or destroy
+    destroy: bool = False
+    samples_src: str = ""  # the controller's sample data (shipped to remote hosts)
+    cached_gpus: dict[str, int] = field(default_factory=dict)  # earlier runs' facts
+
+
+@dataclass(frozen=True)
+class Attempt:
+    host: str
+    task: str
+    key: str
+    instance: str | None
+
+
+@dataclass
+class Decision:
+    plan: Plan
+    checked: Checked
+    to_run: list[Attempt]
+    reused: list[dict[str, Any]]
+    host_vars: dict[str, dict[str, Any]]
+
+    @property
+    def problems(self) -> tuple[str, ...]:
+        return self.checked.problems
+
+
+def attempt_id(host: str, task: str, key: str) -> str:
+    return f"{host}\x00{task}\x00{key}"
+
+
+def task_key(run: TaskRun, instance_hash: str | None) -> str:
+    from evalprov.ledger import task_key as ledger_key
+
+    return ledger_key(task_vars(run), instance_hash)
+
+
+def plan_hosts(inputs: Inputs, facts: dict[str, HostFacts]) -> list[PlanHost]:
+    """GPU counts: the inventory's (checked against the probe), else the probe's, else an
+    earlier run's."""
+    out = []
+    for h in inputs.hosts:
+        count = h.gpus
+        if count is None and h.name in facts:
+            count = facts[h.name].gpu_count
+        if count is None:
+            count = inputs.cached_gpus.get(h.name)
+        out.append(PlanHost(h.name, count))
+    return out
+
+
+def select_tasks(the_plan: Plan, previous: dict[str, dict[str, Any]], rerun: str | None
+                 ) -> tuple[Plan, list[Attempt], list[dict[str, Any]]]:
+    """Which planned tasks run now. A task that succeeded before with the same key is reused
+    (unless --rerun all); one that failed is reused as failed unless --rerun failed|all;
+    never-finished ones run."""
+    hashes = {(i.host, i.name): i.spec_hash for i in the_plan.instances}
+    hosts, to_run, reused = [], [], []
+    for hp in the_plan.hosts:
+        keep = []
+        for t in hp.tasks:
+            key = task_key(t, hashes.get((hp.host, t.instance)))
+            prev = None if rerun == "all" else previous.get(attempt_id(hp.host, t.name, key))
+            done = prev is not None and (prev["status"] == "succeeded" or (
+                prev["status"] == "failed" and rerun is None))
+            if done:
+                reused.append(reused_record(prev))
+                continue
+            keep.append(t)
+            to_run.append(Attempt(hp.host, t.name, key, t.instance))
+        hosts.append(dataclasses.replace(hp, tasks=tuple(keep)))
+    return dataclasses.replace(the_plan, hosts=tuple(hosts)), to_run, reused
+
+
+def reused_record(row: dict[str, Any]) -> dict[str, Any]:
+    metric, _, name = (row.get("metric") or "").partition(".")
+    rec = {"host": row["host"], "task": row["task"], "status": row["status"],
+           "seconds": row.get("seconds"), "samples": row.get("samples"),
+           "dir": row.get("result_dir"), "scores": [],
+           "primary": {"metric": metric, "name": name, "score": row.get("score")}
+           if row.get("metric") else None, "reused_from": row["run_id"],
+           "error": row.get("error")}
+    if row["status"] == "failed":
+        rec["error"] = (f"failed in run {row['run_id']} (attempt {row.get('attempt')}): "
+                        f"{row.get('error') or ''}; rerun it with --rerun failed")
+    return rec
+
+
+def adapter_host(index: int) -> str:
+    """A loopback address of its own for each task's run_eval adapter proxy (ADAPTER_HOST).
+    run_eval picks the adapter's port by binding, closing and binding again later, so two
+    tasks started together can pick the same port on one address; on distinct addresses of
+    127.0.0.0/8 they cannot collide."""
+    return f"127.0.{1 + index // 250}.{1 + index % 250}"
+
+
+def task_action(p: Plan, t: TaskRun, index: int, inputs: Inputs, f: HostFacts) -> dict[str, Any]:
+    """Everything the eval module needs to run one task: its directory on the host, the
+    container's name and labels, the adapter address, the output dir inside the run config,
+    the environment (non-secret; secrets arrive by name), and the command."""
+    name = slug(t.name)
+    host_dir = f"{p.work_dir}/runs/{inputs.run_id}/{name}"
+    docker = p.runtime == "docker"
+    run_config = dict(t.run_config)
+    run_config["config"] = {**(run_config.get("config") or {}),
+                            "output_dir": f"{CONTAINER_WORK}/results" if docker
+                            else f"{host_dir}/results"}
+    env = {**HARNESS_ENV, "ADAPTER_HOST": adapter_host(index)}
+    samples = ""
+    if p.sample_data:
+        samples = inputs.samples_src if f.local else f"{p.work_dir}/samples"
+    if docker:
+        argv = ["nemo-evaluator", "run_eval", "--run_config",
+                f"{CONTAINER_WORK}/run_config.yml"]
+    else:
+        argv = [f"{p.harness_venv}/bin/nemo-evaluator", "run_eval", "--run_config",
+                f"{host_dir}/run_config.yml"]
+        env.update({"VIRTUAL_ENV": p.harness_venv,
+                    "NLTK_DATA": f"{samples or host_dir}/nltk_data"})
+    return {
+        **task_vars(t),
+        "slug": name,
+        "dir": host_dir,
+        "run_config": run_config,
+        "container_name": f"evalprov-eval-{name}-{inputs.run_id}"[:120],
+        "labels": {"evalprov.managed": "eval", "evalprov.owner": inputs.owner,
+                   "evalprov.run": inputs.run_id},
+        "env": env,
+        "path_prepend": "" if docker else f"{p.harness_venv}/bin",
+        "cwd": host_dir if docker or not samples else samples,
+        "argv": argv,
+    }
+
+
+def role_vars(p: Plan, a: HostActions, inputs: Inputs, f: HostFacts) -> dict[str, Any]:
+    """The per-host variables of the serve play's roles: actions only."""
+    hp = p.host(a.host)
+    ship = p.sample_data and bool(hp.tasks) and not f.local
+    return {
+        "evalprov_state": "converged" if a.converged else "pending",
+        "evalprov_actions": list(a.reasons),
+        "evalprov_image_pull": a.pull,
+        "evalprov_vllm_start": [instance_vars(i) for i in a.start],
+        "evalprov_vllm_remove": list(a.remove),
+        "evalprov_vllm_install": a.install_vllm,
+        "evalprov_health_wait": [{"name": i.name, "port": i.port} for i in a.wait],
+        "evalprov_eval_install": a.install_harness,
+        "evalprov_eval_ship_samples": ship,
+        "evalprov_eval_run_dir": f"{p.work_dir}/runs/{inputs.run_id}",
+        "evalprov_eval_tasks": [task_action(p, t, k, inputs, f) for k, t in enumerate(hp.tasks)],
+    }
+
+
+def destroy_vars(f: HostFacts) -> dict[str, Any]:
+    return {"evalprov_state": "pending" if f.units else "converged",
+            "evalprov_actions": [f"remove {n}" for n in sorted(f.units)],
+            "evalprov_vllm_remove": sorted(f.units)}
+
+
+def decide(inputs: Inputs, facts: dict[str, HostFacts]) -> Decision:
+    """Raises PlanError when the plan cannot be made (e.g. a host too small for one
+    instance); problems found by the check are in Decision.problems."""
+    the_plan = plan(inputs.config, plan_hosts(inputs, facts))
+    if inputs.destroy:
+        empty = Checked((), {})
+        return Decision(the_plan, empty, [], [], {h: destroy_vars(f) for h, f in facts.items()})
+    if not inputs.evaluate:
+        the_plan = dataclasses.replace(the_plan, hosts=tuple(
+            dataclasses.replace(h, tasks=()) for h in the_plan.hosts))
+        to_run, reused = [], []
+    else:
+        the_plan, to_run, reused = select_tasks(the_plan, inputs.previous, inputs.rerun)
+    checked = check(the_plan, facts)
+    host_vars = {h: role_vars(the_plan, a, inputs, facts[h]) for h, a in checked.hosts.items()}
+    return Decision(the_plan, checked, to_run, reused, host_vars)
+
+
+def safe_decide(inputs: Inputs, facts: dict[str, HostFacts]) -> tuple[Decision | None, list[str]]:
+    """decide, with a plan that cannot be made turned into problems."""
+    try:
+        d = decide(inputs, facts)
+    except PlanError as exc:
+        return None, list(exc.lines)
+    return d, list(d.problems)
+
+
+__all__ = ["Decision", "HostFacts", "Inputs", "decide", "pull_policy", "safe_decide"]
+
+
+# ----------------------------------------------------------------------------- the channel
+
+
+def dump_inputs(inputs: Inputs) -> bytes:
+    """Inputs for the action plugin; they travel in evalprov's in-memory file (never a
+    file on disk) to the ansible-playbook it starts, the same program on the same host."""
+    return pickle.dumps(inputs)
+
+
+def load_inputs(path: str) -> Inputs:
+    with open(path, "rb") as f:
+        inputs = pickle.loads(f.read())  # noqa: S301 - our own process wrote it, in memory
+    if not isinstance(inputs, Inputs):
+        raise TypeError(f"{path}: not evalprov decide inputs")
+    return inputs
+
+
+def parse_facts(probed: dict[str, tuple[dict[str, Any], bool]]) -> dict[str, HostFacts]:
+    return {h: HostFacts.from_probe(res, local) for h, (res, local) in probed.items()}
+
+
+def decide_in_ansible(path: str, probed: dict[str, tuple[dict[str, Any], bool]]
+                      ) -> dict[str, Any]:
+    """What evalprov_decide returns: each host's variables, or failed with every problem."""
+    d, problems = safe_decide(load_inputs(path), parse_facts(probed))
+    out: dict[str, Any] = {"evalprov_decision": True, "hosts": d.host_vars if d else {},
+                           "problems": problems,
+                           "local": {h: local for h, (_, local) in probed.items()}}
+    if problems:
+        out.update(failed=True, msg="; ".join(problems))
+    return out
