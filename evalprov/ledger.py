@@ -102,6 +102,13 @@ def db_error(path: Path, exc: sqlite3.Error, timeout: float | None = None) -> Ev
         "directories are kept")
 
 
+def _usage_error(exc: BaseException) -> bool:
+    """A database the user has to fix (damaged, locked, unreadable), not a programming error
+    (those keep their traceback)."""
+    return isinstance(exc, sqlite3.DatabaseError) and not isinstance(
+        exc, sqlite3.IntegrityError | sqlite3.ProgrammingError | sqlite3.InterfaceError)
+
+
 class Ledger:
     def __init__(self, output_dir: Path, timeout: float = 30) -> None:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -112,12 +119,13 @@ class Ledger:
         try:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
+            # overwrite deleted and replaced content (a redacted command's old text) with zeros
+            self.db.execute("PRAGMA secure_delete=ON")
             self._migrate()
-        except sqlite3.Error as exc:
+        except BaseException as exc:
             self.db.close()
-            raise db_error(self.path, exc, timeout) from exc
-        except BaseException:
-            self.db.close()
+            if _usage_error(exc):
+                raise db_error(self.path, exc, timeout) from exc
             raise
 
     def close(self) -> None:
@@ -163,15 +171,16 @@ class Ledger:
         to the timeout for another writer), COMMIT on success, ROLLBACK on any error."""
         try:
             self.db.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            raise db_error(self.path, exc, self.timeout) from exc
+        except sqlite3.DatabaseError as exc:
+            if _usage_error(exc):
+                raise db_error(self.path, exc, self.timeout) from exc
+            raise
         try:
             yield self.db
         except BaseException as exc:
             if self.db.in_transaction:
                 self.db.execute("ROLLBACK")
-            if isinstance(exc, sqlite3.DatabaseError) and not isinstance(
-                    exc, sqlite3.IntegrityError | sqlite3.ProgrammingError):
+            if _usage_error(exc):
                 raise db_error(self.path, exc, self.timeout) from exc
             raise
         try:
@@ -179,13 +188,17 @@ class Ledger:
         except sqlite3.Error as exc:
             if self.db.in_transaction:
                 self.db.execute("ROLLBACK")
-            raise db_error(self.path, exc, self.timeout) from exc
+            if _usage_error(exc):
+                raise db_error(self.path, exc, self.timeout) from exc
+            raise
 
     def _read(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
         try:
             return self.db.execute(sql, args).fetchall()
-        except sqlite3.Error as exc:
-            raise db_error(self.path, exc, self.timeout) from exc
+        except sqlite3.DatabaseError as exc:
+            if _usage_error(exc):
+                raise db_error(self.path, exc, self.timeout) from exc
+            raise
 
     # ------------------------------------------------------------------ writes (one tx each)
 

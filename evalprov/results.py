@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
 import tarfile
 import tempfile
@@ -104,7 +105,7 @@ def collect_records(run_dir: Path, tasks_by_host: dict[str, list[dict[str, Any]]
     records = []
     for host, tasks in tasks_by_host.items():
         for task in tasks:
-            safe = "".join(c if c.isalnum() or c in "_.-" else "_" for c in task["name"])
+            safe = task.get("slug") or re.sub(r"[^A-Za-z0-9_.-]", "_", task["name"])
             archive = fetch / host / f"{safe}.tar.gz"
             task_dir = None
             if archive.exists():
