@@ -271,3 +271,13 @@ def test_logs_without_a_run_picks_the_newest_run_that_ran_the_task(tmp_path, cap
     assert main(["logs", "--output-dir", str(out), "--task", "mmlu"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no run in" in err and "task mmlu" in err
+
+
+def test_a_broken_pipe_inside_evalprov_is_not_mistaken_for_a_closed_stdout(monkeypatch,
+                                                                            capsys):
+    def broken(*a, **k):
+        raise BrokenPipeError(32, "Broken pipe")  # e.g. a subprocess evalprov talks to died
+
+    monkeypatch.setattr(evalprov.show, "tasks_text", broken)
+    assert main(["ls", "tasks"]) == 1
+    assert capsys.readouterr().err.startswith("error: internal error: BrokenPipeError: ")

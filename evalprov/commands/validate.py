@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from evalprov.cli.common import Command, config_args, dump, examples, load
+from evalprov.commands.common import Command, config_args, dump, examples, load
 from evalprov.errors import Exit
 
 

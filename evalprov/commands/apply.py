@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from evalprov.cli.common import Command, config_args, examples, host_args, load, positive
+from evalprov.commands.common import Command, config_args, examples, host_args, load, positive
 
 
 def provision_args(p: argparse.ArgumentParser) -> None:

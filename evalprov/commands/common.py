@@ -1,5 +1,5 @@
-"""What every subcommand shares: the parser class (usage errors are one line, exit 2), the
-`Command` table entry, argument groups, and loading a config or an output_dir."""
+"""What every subcommand of `evalprov` shares: the parser class (usage errors are one line,
+exit 2), the `Command` table entry, argument groups, and loading a config or an output_dir."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from evalprov.cli.common import Command, examples, output_dir, run_args
+from evalprov.commands.common import Command, examples, output_dir, run_args
 from evalprov.errors import EvalprovError, Exit
 
 

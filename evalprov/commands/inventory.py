@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from evalprov.cli.common import (
+from evalprov.commands.common import (
     Command,
     config_args,
     dump,

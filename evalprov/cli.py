@@ -1,6 +1,6 @@
 """The `evalprov` command: parse arguments, call the flow, print. No policy lives here.
 
-Each subcommand is a module of this package exporting `COMMAND` (a `common.Command`: name,
+Each subcommand is a module of evalprov.commands exporting `COMMAND` (a `Command`: name,
 help, examples, arguments, run); `COMMANDS` lists them in the order `--help` shows and
 `build_parser` adds every one the same way (each gets --debug and its examples).
 
@@ -13,12 +13,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import select
 import signal
 import sys
 
 from evalprov import __version__
-from evalprov.cli import apply, destroy, inventory, logs, ls, plan, results, status, validate
-from evalprov.cli.common import Command, Parser, debug_flag
+from evalprov.commands import apply, destroy, inventory, logs, ls, plan, results, status, validate
+from evalprov.commands.common import Command, Parser, debug_flag
 from evalprov.errors import EvalprovError, Exit
 
 __all__ = ["COMMANDS", "PIPE_EXIT", "build_parser", "main"]
@@ -77,14 +78,22 @@ def _dispatch(argv: list[str] | None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return int(Exit.INTERRUPTED)
-    except BrokenPipeError:
-        raise
     except Exception as exc:
-        if debug:
+        if debug or (isinstance(exc, BrokenPipeError) and _stdio_closed()):
             raise
         print(f"error: internal error: {type(exc).__name__}: {_one_line(str(exc))}; run "
               "again with --debug for the traceback", file=sys.stderr)
         return int(Exit.FAILED)
+
+
+def _stdio_closed() -> bool:
+    """Whether stdout or stderr is a pipe whose reader has gone (poll says POLLERR), i.e. a
+    BrokenPipeError is the user's `| head`, not a failure inside evalprov."""
+    poll = select.poll()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(AttributeError, OSError, ValueError):
+            poll.register(stream.fileno(), select.POLLOUT)
+    return any(events & select.POLLERR for _, events in poll.poll(0))
 
 
 def _quiet_pipe() -> None:
@@ -107,3 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         _quiet_pipe()
         return PIPE_EXIT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from evalprov.cli.common import Command, examples, output_dir, run_args
+from evalprov.commands.common import Command, examples, output_dir, run_args
 from evalprov.errors import Exit
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from evalprov.cli.apply import provision, provision_args
-from evalprov.cli.common import Command, examples
+from evalprov.commands.apply import provision, provision_args
+from evalprov.commands.common import Command, examples
 
 
 def run(args: argparse.Namespace) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from evalprov.cli.common import Command, dump, examples
+from evalprov.commands.common import Command, dump, examples
 from evalprov.errors import EvalprovError, Exit
 
 
