@@ -477,15 +477,15 @@ def baseline_inventory(path: Path, rendered: dict[str, Any]) -> tuple[Path, int]
     common = rendered["all"]["vars"]
     hosts, runs = {}, 0
     for name, hv in rendered["all"]["hosts"].items():
-        insts = [{"name": i["name"], "port": i["port"]} for i in hv["evalprov_vllm_instances"]]
-        paths = sorted(set(hv["evalprov_preflight_checkpoints"])
-                       | set(hv["evalprov_preflight_disk_paths"]))
+        insts = [{"name": i["name"], "port": i["port"]} for i in hv["evalprov_plan_instances"]]
+        paths = sorted(set(common["evalprov_preflight_dirs"])
+                       | set(common["evalprov_preflight_disk_paths"]))
         hosts[name] = {
             "bench_image": common["evalprov_image_name"],
             "bench_health_path": common["evalprov_health_path"],
             "bench_instances": insts,
             "bench_paths": paths,
-            "bench_disk_paths": [*hv["evalprov_preflight_disk_paths"], "/var/lib/docker"],
+            "bench_disk_paths": [*common["evalprov_preflight_disk_paths"], "/var/lib/docker"],
         }
         runs = max(runs, 5 + 4 * len(insts) + len(paths))
     path.write_text(yaml.safe_dump({"all": {"hosts": hosts}}, sort_keys=False))
@@ -672,7 +672,7 @@ def bench_size(b: Bench, n: int, out) -> dict[str, Any]:
     base_inv, base_mods = baseline_inventory(d / "baseline-vars.yml", rendered)
     playbook = d / "baseline.yml"
     playbook.write_text(BASELINE_PLAYBOOK)
-    per_host = {h: len(v["evalprov_vllm_instances"]) for h, v in rendered["all"]["hosts"].items()}
+    per_host = {h: len(v["evalprov_plan_instances"]) for h, v in rendered["all"]["hosts"].items()}
     hosts = [h.name for h in fleet.hosts]
     made = "built" if image.get("built") else "cached"
     print(f"\n== {n} host(s): fleet up in {up_s:.1f}s (image {made}), "
@@ -700,7 +700,7 @@ def bench_size(b: Bench, n: int, out) -> dict[str, Any]:
 
     counter = iter(range(1, 1000))
 
-    def evalprov(label: str, check: bool = False) -> Run:
+    def evalprov(label: str, check: bool = False, src: str | None = None) -> Run:
         out_dir = d / "out" / f"{next(counter):02d}-{label.split()[0]}"
         argv = [sys.executable, "-m", "evalprov.cli", "apply", str(config), "-i", str(inv),
                 "-o", f"execution.output_dir={out_dir}"]
@@ -708,7 +708,9 @@ def bench_size(b: Bench, n: int, out) -> dict[str, Any]:
             argv += ["--forks", str(n)]
         if check:
             argv.append("--check")
-        return b.measure(label, argv, ev_env, out_dir)
+        # --before: the same CLI from an earlier source tree (its own playbooks and roles)
+        run_env = {**ev_env, "PYTHONPATH": src} if src else ev_env
+        return b.measure(label, argv, run_env, out_dir)
 
     idle = b.idle_host_cpu(1.0)
     results: dict[str, Any] = {"hosts": n, "instances_per_host": per_host[hosts[0]],
@@ -731,8 +733,10 @@ def bench_size(b: Bench, n: int, out) -> dict[str, Any]:
 
     # (b) no-op and (c) --check: interleaved, median of --repeat
     for case, check in (("noop", False), ("check", True)):
-        ev, bs = [], []
+        ev, bs, before = [], [], []
         what = "" if args.skip_baseline else f" + {args.repeat} x baseline, interleaved"
+        if args.before:
+            what += f" + {args.repeat} x the --before tree"
         print(f"  ({'b' if case == 'noop' else 'c'}) {case}: {args.repeat} x evalprov{what} ...",
               file=out, flush=True)
         for i in range(args.repeat):
@@ -743,7 +747,13 @@ def bench_size(b: Bench, n: int, out) -> dict[str, Any]:
             ev.append(r)
             if not args.skip_baseline:
                 bs.append(baseline(f"baseline {case} {i + 1}", check))
+            if args.before:
+                r = evalprov(f"{case} before {i + 1}", check, args.before)
+                expect(r, hosts, "none", evalprov_changed)
+                before.append(r)
         results["cases"][case] = {"evalprov": ev, "baseline": bs}
+        if args.before:
+            results["cases"][case]["before"] = before
 
     results["breakdown_noop"] = breakdown(median_run(results["cases"]["noop"]["evalprov"]), n)
     results["breakdown_check"] = breakdown(median_run(results["cases"]["check"]["evalprov"]), n)
@@ -823,6 +833,30 @@ def print_table(all_results: list[dict[str, Any]], args, out) -> None:
                 parts.append(f"{who} {f[0]:.2f} CPU-s per run + {f[1]:.2f} per host")
         if parts:
             print(f"fit {name}: " + "; ".join(parts), file=out)
+    if any("before" in r["cases"]["noop"] for r in all_results):
+        print(f"\nbefore (--before {args.before}) vs now, same fleet, interleaved runs:",
+              file=out)
+        print(f"{'hosts':>5} {'case':<16} {'wall before':>11} {'wall now':>9} {'ratio':>6}  "
+              f"{'CPU-s/host before':>17} {'now':>6} {'ratio':>6}  {'now/base wall':>13} "
+              f"{'now/base CPU':>12}", file=out)
+        for res in all_results:
+            n = res["hosts"]
+            for key, name in CASES[1:]:
+                was = summarize(res["cases"][key]["before"], n)
+                now = summarize(res["cases"][key]["evalprov"], n)
+                bs = summarize(res["cases"][key]["baseline"], n)
+                print(f"{n:>5} {name:<16} {was['wall']:11.2f} {now['wall']:9.2f} "
+                      f"{now['wall'] / was['wall']:6.2f}  {was['cpu_host']:17.2f} "
+                      f"{now['cpu_host']:6.2f} {now['cpu_host'] / was['cpu_host']:6.2f}  "
+                      f"{now['wall'] / bs['wall']:13.2f} {now['cpu_host'] / bs['cpu_host']:12.2f}",
+                      file=out)
+        for key, name in CASES[1:]:
+            for who in ("before", "evalprov"):
+                f = fit([(r["hosts"], summarize(r["cases"][key][who], r["hosts"])["cpu"])
+                         for r in all_results])
+                if f:
+                    print(f"fit {name} {'before' if who == 'before' else 'now'}: {f[0]:.2f} "
+                          f"CPU-s per run + {f[1]:.2f} per host", file=out)
     print(f"other% e/b = share of the machine's {NCPU} cores busy outside the controller and "
           "fleet groups during the evalprov / baseline runs (other test suites): above ~30% it "
           "inflates wall time a lot and CPU time too (shared caches); compare rows with low "
@@ -860,6 +894,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                    help="extra environment for the evalprov runs (e.g. EVALPROV_PLAYBOOKS_DIR "
                         "and EVALPROV_ROLES_DIR to measure a variant of the roles)")
+    p.add_argument("--before", metavar="DIR",
+                   help="also measure (b) and (c) with evalprov from this source tree (e.g. a "
+                        "`git worktree` of an earlier commit), interleaved: before/after")
     p.add_argument("--skip-baseline", action="store_true",
                    help="evalprov runs only (to compare variants of evalprov)")
     p.add_argument("--timeout", type=float, default=300, help="seconds per measured run")

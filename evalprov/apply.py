@@ -26,14 +26,15 @@ from evalprov.decide import (
     plan_hosts,
     safe_decide,
 )
-from evalprov.errors import ConfigError, Exit
+from evalprov.errors import ConfigError
 from evalprov.harness import SAMPLES_DIR
 from evalprov.inventory import common_vars, task_vars
 from evalprov.ledger import Ledger, locked
 from evalprov.plan import HostFacts, Plan, plan
 from evalprov.results import collect, write_atomic, write_summary
-from evalprov.results import render as render_results
 from evalprov.runner import Progress, RunResult, run_playbook
+from evalprov.secrets import secret_specs
+from evalprov.show import run_summary as summary
 
 
 @dataclass
@@ -62,24 +63,24 @@ def check_supported(loaded: LoadedConfig) -> None:
 
 
 def deployment_env(loaded: LoadedConfig) -> dict[str, str]:
-    """Values for the server containers, read from the controller now (names in the plan)."""
+    """Secret values for the servers, read from the controller now (names in the plan; plain
+    literals are in the plan itself)."""
     config = loaded.config
     specs = dict(config.env_vars)
     if isinstance(config.deployment, VllmDeployment):
         specs.update(config.deployment.env_vars)
-    specs = {k: v for k, v in specs.items() if v.source != "runtime"}
-    return resolve_env(specs, "deployment.env_vars")
+    return resolve_env(secret_specs(specs), "deployment.env_vars")
 
 
 def task_env(loaded: LoadedConfig) -> dict[str, dict[str, str]]:
-    """Per task, the values of its env vars (top-level, then evaluation, then the task's own);
+    """Per task, the secret values of its env vars (top-level, then evaluation, then the
+    task's own);
     every missing controller variable is an error naming it and the task, before anything
     starts."""
     config = loaded.config
     out, errors = {}, []
     for i, task in enumerate(config.evaluation.tasks):
-        specs = {**config.env_vars, **config.evaluation.env_vars, **task.env_vars}
-        specs = {k: v for k, v in specs.items() if v.source != "runtime"}
+        specs = secret_specs({**config.env_vars, **config.evaluation.env_vars, **task.env_vars})
         try:
             values = resolve_env(specs, f"evaluation.tasks.{i} ({task.name})")
         except ConfigError as exc:
@@ -288,41 +289,4 @@ def record_run(loaded: LoadedConfig, d: Decision, result: RunResult, run_dir: Pa
     ledger.finish_run(run_id, status)
 
 
-def summary(result: RunResult, check: bool) -> tuple[str, int]:
-    rows = [f"{'host':<24} {'ok':>4} {'changed':>8} {'failed':>7} {'unreach':>8} "
-            f"{'skipped':>8}  status"]
-    for host in sorted(result.hosts):
-        r = result.hosts[host]
-        bad = r.failed or r.unreachable
-        status = "FAILED" if bad else ("would change" if check and r.changed else
-                                       "changed" if r.changed else "ok")
-        rows.append(f"{host:<24} {r.ok:>4} {r.changed:>8} {r.failed:>7} {r.unreachable:>8} "
-                    f"{r.skipped:>8}  {status}")
-    failed = result.failed_hosts
-    bad_tasks = [t for t in result.tasks if t["status"] != "succeeded"]
-    if result.tasks:
-        rows.append("")
-        rows.append(render_results({"tasks": result.tasks}, "table"))
-    if check:
-        for host in sorted(result.hosts):
-            for item in result.hosts[host].would_change:
-                rows.append(f"would change on {host}: {item}")
-    if failed:
-        for host in failed:
-            errors = result.hosts[host].errors or ["failed"]
-            rows.append(f"error: {host}: {errors[-1]}")
-        code = Exit.FAILED
-    elif result.interrupted:
-        rows.append("interrupted: state saved; `evalprov apply --rerun failed` finishes the run")
-        code = Exit.INTERRUPTED
-    elif bad_tasks:
-        code = Exit.FAILED
-    elif result.status != "successful":
-        rows.append(f"error: ansible run ended {result.status} (rc {result.rc}); see "
-                    f"{result.private_data_dir}/artifacts")
-        code = Exit.FAILED
-    else:
-        code = Exit.OK
-    rows.append(f"{len(result.hosts)} host(s) in {result.seconds:.1f}s; ansible artifacts: "
-                f"{result.private_data_dir}")
-    return "\n".join(rows), int(code)
+__all__ = ["Options", "output_root", "run", "summary"]

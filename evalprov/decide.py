@@ -114,17 +114,10 @@ def select_tasks(the_plan: Plan, previous: dict[str, dict[str, Any]], rerun: str
 
 
 def reused_record(row: dict[str, Any]) -> dict[str, Any]:
-    metric, _, name = (row.get("metric") or "").partition(".")
-    rec = {"host": row["host"], "task": row["task"], "status": row["status"],
-           "seconds": row.get("seconds"), "samples": row.get("samples"),
-           "dir": row.get("result_dir"), "scores": [],
-           "primary": {"metric": metric, "name": name, "score": row.get("score")}
-           if row.get("metric") else None, "reused_from": row["run_id"],
-           "error": row.get("error")}
-    if row["status"] == "failed":
-        rec["error"] = (f"failed in run {row['run_id']} (attempt {row.get('attempt')}): "
-                        f"{row.get('error') or ''}; rerun it with --rerun failed")
-    return rec
+    """The summary entry of a task done in an earlier run (records.TaskRecord.reused)."""
+    from evalprov.records import TaskRecord
+
+    return TaskRecord.reused(row).to_dict()
 
 
 def adapter_host(index: int) -> str:
@@ -146,7 +139,7 @@ def task_action(p: Plan, t: TaskRun, index: int, inputs: Inputs, f: HostFacts) -
     run_config["config"] = {**(run_config.get("config") or {}),
                             "output_dir": f"{CONTAINER_WORK}/results" if docker
                             else f"{host_dir}/results"}
-    env = {**HARNESS_ENV, "ADAPTER_HOST": adapter_host(index)}
+    env = {**dict(t.env), **HARNESS_ENV, "ADAPTER_HOST": adapter_host(index)}
     samples = ""
     if p.sample_data:
         samples = inputs.samples_src if f.local else f"{p.work_dir}/samples"

@@ -143,7 +143,15 @@ class _AnsibleDumper(yaml.SafeDumper):
 
 
 def _represent_unsafe(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
-    return dumper.represent_scalar("!unsafe", str(value))
+    # ansible-core 2.19 resolves an !unsafe scalar's type again as if it were plain, quotes
+    # ignored: !unsafe '8000' reads back as the int 8000, '' as None, 'true' as True. A string
+    # that plain YAML would read as something else (a number, bool, null, timestamp) cannot
+    # hold a template ({{, {%, {#, #jinja2:), so it goes out as an ordinary quoted string and
+    # reads back as the same string in every ansible-core.
+    text = str(value)
+    if dumper.resolve(yaml.ScalarNode, text, (True, False)) != "tag:yaml.org,2002:str":
+        return dumper.represent_str(text)
+    return dumper.represent_scalar("!unsafe", text)
 
 
 _AnsibleDumper.add_representer(Unsafe, _represent_unsafe)

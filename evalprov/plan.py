@@ -25,12 +25,14 @@ from evalprov.config.models import (
 from evalprov.config.tasks import TaskInfo, task_table
 from evalprov.errors import PlanError
 from evalprov.harness import ENDPOINT_TYPES, PARAM_KEYS, run_config
+from evalprov.secrets import plain_literals
 
 # Where a task's directory is seen by the harness in its container; the role rewrites
 # config.output_dir for the process runtime.
 TASK_RESULTS_DIR = "/work/results"
 
 CHECKPOINT_MOUNT = "/checkpoint"
+LOOPBACK = "127.0.0.1"
 HF_CACHE_MOUNT = "/root/.cache/huggingface"
 
 
@@ -70,7 +72,7 @@ class Instance:
     mounts: tuple[Mount, ...]
     env_names: tuple[str, ...]
     spec_hash: str
-    env: tuple[tuple[str, str], ...] = ()  # non-secret env the process runtime sets
+    env: tuple[tuple[str, str], ...] = ()  # non-secret env (runtime's own, plain literals)
 
     @property
     def base_url(self) -> str:
@@ -90,6 +92,7 @@ class TaskRun:
     env_names: tuple[str, ...]
     run_config: dict = field(default_factory=dict, compare=False)  # nemo-evaluator --run_config
     volumes: tuple[str, ...] = ()  # dataset_dir mounted read-only at dataset_mount_path
+    env: tuple[tuple[str, str], ...] = ()  # plain (non-secret) literal env of the task
 
     @property
     def id(self) -> str:
@@ -183,6 +186,9 @@ def vllm_argv(dep: VllmDeployment, model: ModelSource, port: int) -> tuple[str, 
         f"--data-parallel-size={dep.data_parallel_size}",
         "--port",
         str(port),
+        # the API answers on the host only: every task and health check runs there
+        "--host",
+        LOOPBACK,
         "--trust-remote-code",
         "--served-model-name",
         dep.served_model_name,
@@ -269,6 +275,7 @@ def plan_instances(config: Config, host: HostFacts) -> tuple[Instance, ...]:
     model = model_source(dep, runtime)
     mounts = mounts_for(model, config.execution.hf_cache_dir, runtime)
     env_names = _env_names(config.env_vars, dep.env_vars)
+    literals = tuple(sorted(plain_literals({**config.env_vars, **dep.env_vars}).items()))
     out = []
     for i in range(count):
         port = dep.port + i
@@ -280,7 +287,7 @@ def plan_instances(config: Config, host: HostFacts) -> tuple[Instance, ...]:
         gpus = tuple(range(i * need, (i + 1) * need))
         argv = vllm_argv(dep, model, port)
         name = container_name(i)
-        env = process_env(config, gpus) if runtime == "process" else ()
+        env = (process_env(config, gpus) if runtime == "process" else ()) + literals
         digest = spec_hash(
             image=dep.image if runtime == "docker" else config.execution.vllm_pip_spec,
             argv=argv,
@@ -327,10 +334,12 @@ def _task_run(config: Config, task: Task, info: TaskInfo, host: str,
         assert isinstance(dep, VllmDeployment)
         url = inst.base_url + endpoint_path(dep, etype)
     env = _env_names(config.env_vars, config.evaluation.env_vars, task.env_vars)
+    literals = tuple(sorted(plain_literals(
+        {**config.env_vars, **config.evaluation.env_vars, **task.env_vars}).items()))
     volumes = (f"{task.dataset_dir}:{task.dataset_mount_path}:ro",) if task.dataset_dir else ()
     return TaskRun(task.name, info.name, info.harness, task.container or info.container, etype,
                    host, inst.name if inst else None, url, env,
-                   task_run_config(config, task, info, etype, url), volumes)
+                   task_run_config(config, task, info, etype, url), volumes, literals)
 
 
 def task_run_config(config: Config, task: Task, info: TaskInfo, etype: str,

@@ -10,6 +10,7 @@ from typing import Any
 from evalprov.config.tasks import TaskTable
 from evalprov.plan import Plan
 from evalprov.records import TaskRecord
+from evalprov.runner import RunResult
 
 
 def _gpus(gpus: tuple[int, ...]) -> str:
@@ -122,3 +123,52 @@ def status_text(run, deployments, tasks: Iterable[TaskRecord | Any]) -> str:
     if not records:
         lines.append("(no task ran in this run)")
     return "\n".join(lines)
+
+
+def run_summary(result: RunResult, check: bool) -> tuple[str, int]:
+    """The closing text of apply/destroy (per-host table from runner stats, results, what
+    --check would do, errors) and the exit code."""
+    from evalprov.errors import Exit
+    from evalprov.results import render as render_results
+
+    rows = [f"{'host':<24} {'ok':>4} {'changed':>8} {'failed':>7} {'unreach':>8} "
+            f"{'skipped':>8}  status"]
+    for host in sorted(result.hosts):
+        r = result.hosts[host]
+        bad = r.failed or r.unreachable
+        status = "FAILED" if bad else ("would change" if check and r.changed else
+                                       "changed" if r.changed else "ok")
+        rows.append(f"{host:<24} {r.ok:>4} {r.changed:>8} {r.failed:>7} {r.unreachable:>8} "
+                    f"{r.skipped:>8}  {status}")
+    failed = result.failed_hosts
+    bad_tasks = [t for t in result.tasks if t["status"] != "succeeded"]
+    if result.tasks:
+        rows.append("")
+        rows.append(render_results({"tasks": result.tasks}, "table"))
+    if check:
+        decided = (result.decision or {}).get("hosts") or {}
+        for host in sorted(decided):  # why, in evalprov's words (the decision)
+            for reason in decided[host].get("evalprov_actions") or []:
+                rows.append(f"would {reason} on {host}")
+        for host in sorted(result.hosts):
+            for item in result.hosts[host].would_change:
+                rows.append(f"would change on {host}: {item}")
+    if failed:
+        for host in failed:
+            errors = result.hosts[host].errors or ["failed"]
+            rows.append(f"error: {host}: {errors[-1]}")
+        code = Exit.FAILED
+    elif result.interrupted:
+        rows.append("interrupted: state saved; `evalprov apply --rerun failed` finishes the run")
+        code = Exit.INTERRUPTED
+    elif bad_tasks:
+        code = Exit.FAILED
+    elif result.status != "successful":
+        rows.append(f"error: ansible run ended {result.status} (rc {result.rc}); see "
+                    f"{result.private_data_dir}/artifacts")
+        code = Exit.FAILED
+    else:
+        code = Exit.OK
+    rows.append(f"{len(result.hosts)} host(s) in {result.seconds:.1f}s; ansible artifacts: "
+                f"{result.private_data_dir}")
+    return "\n".join(rows), int(code)

@@ -434,10 +434,13 @@ def test_vllm_container_dies_during_a_task_then_rerun_restarts_it(env, tmp_path)
     # --rerun failed: the probe sees the server not running, so it is started again
     _, res2, run2, code2, text2 = run_apply(config, inv, rerun="failed")
     assert code2 == 0, text2
-    probe = res2.facts["h1"]["instances"][INSTANCE]
-    assert probe["exists"] and not probe["running"] and not probe["converged"], probe
-    assert any("Start instance containers" in c for c in res2.hosts["h1"].would_change)
-    assert not any("Start instance containers" in c for c in res2.hosts["h2"].would_change)
+    probe = res2.facts["h1"]["units"][INSTANCE]
+    assert not probe["running"] and not probe["serving"], probe
+    decided = res2.decision["hosts"]
+    assert [i["name"] for i in decided["h1"]["evalprov_vllm_start"]] == [INSTANCE]
+    assert decided["h2"]["evalprov_vllm_start"] == []
+    assert any("Start the instances" in c for c in res2.hosts["h1"].would_change)
+    assert not any("Start the instances" in c for c in res2.hosts["h2"].would_change)
     assert json.loads(fleet.docker("h1", "inspect", INSTANCE).stdout)[0]["State"]["Running"]
     final = ledger(out)
     assert_settled(final)

@@ -26,7 +26,11 @@ options:
     description: The vLLM venv.
     type: path
   env:
-    description: Environment values (may be secrets).
+    description: Environment values that are not secret (shown in output and diffs).
+    type: dict
+    default: {}
+  secret_env:
+    description: Environment values that are secrets (masked in every output).
     type: dict
     default: {}
   spec_hash:
@@ -165,7 +169,8 @@ def main():
             "state": {"type": "str", "choices": ["started", "absent"], "default": "started"},
             "argv": {"type": "list", "elements": "str"},
             "venv": {"type": "path"},
-            "env": {"type": "dict", "default": {}, "no_log": True},
+            "env": {"type": "dict", "default": {}},
+            "secret_env": {"type": "dict", "default": {}, "no_log": True},
             "spec_hash": {"type": "str"},
             "port": {"type": "int"},
             "state_dir": {"type": "path", "required": True},
@@ -177,6 +182,7 @@ def main():
         supports_check_mode=True,
     )
     p = module.params
+    p["env"] = {**(p["env"] or {}), **(p["secret_env"] or {})}
     name = p["name"]
     state_path = os.path.join(p["state_dir"], f"{name}.json")
     log_path = os.path.join(p["state_dir"], f"{name}.log")

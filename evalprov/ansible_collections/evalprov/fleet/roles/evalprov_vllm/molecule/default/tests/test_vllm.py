@@ -43,7 +43,8 @@ def test_container_runs_the_planned_argv_gpus_and_spec_hash(host, inst):
     labels = info["Config"]["Labels"]
     assert labels["evalprov.spec_hash"] == inst["spec_hash"]
     assert labels["evalprov.managed"] == "true" and labels["evalprov.instance"] == inst["name"]
-    assert [d["DeviceIDs"] for d in info["HostConfig"]["DeviceRequests"]] == [inst["device_requests"][0]["device_ids"]]
+    wanted = [inst["device_requests"][0]["device_ids"]]
+    assert [d["DeviceIDs"] for d in info["HostConfig"]["DeviceRequests"]] == wanted
     assert info["HostConfig"]["NetworkMode"] == "host"
     assert info["HostConfig"]["Binds"] == inst["volumes"]
 
