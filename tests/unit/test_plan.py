@@ -7,6 +7,8 @@ import shlex
 
 import pytest
 
+from evalprov.check import HostFacts as Probed
+from evalprov.check import check
 from evalprov.errors import PlanError
 from evalprov.inventory import render
 from evalprov.plan import CHECKPOINT_MOUNT, HF_CACHE_MOUNT, HostFacts, Mount, plan, spec_hash
@@ -182,8 +184,10 @@ def test_quoted_extra_args_become_single_argv_elements_never_rejoined(one_host_p
     assert list(inst.argv[BASE_ARGV_LEN:]) == [
         "--override-generation-config", '{"temperature": 0.5}', "--max-model-len", "4096",
     ]
-    rendered = render(p)["all"]["hosts"]["gpu1"]["evalprov_vllm_instances"][0]["argv"]
-    assert rendered == list(inst.argv)
+    rendered = render(p)["all"]["hosts"]["gpu1"]["evalprov_plan_instances"][0]
+    assert rendered["argv"] == list(inst.argv)
+    assert rendered["entrypoint"] + rendered["command"] == list(inst.argv)
+    rendered = rendered["argv"]
     assert '{"temperature": 0.5}' in rendered
     assert not any(" --max-model-len" in a for a in rendered)
 
@@ -217,10 +221,12 @@ def test_absolute_checkpoint_path_is_mounted_read_only_at_checkpoint(one_host_pl
     assert inst.model.kind == "checkpoint" and inst.model.ref == "/models/llama"
     assert inst.argv[2] == CHECKPOINT_MOUNT == "/checkpoint"
     assert inst.mounts == (Mount("/models/llama", "/checkpoint", True),)
-    host = render(p)["all"]["hosts"]["gpu1"]
-    assert host["evalprov_preflight_checkpoints"] == ["/models/llama"]
-    assert host["evalprov_vllm_instances"][0]["mounts"] == [
-        {"source": "/models/llama", "target": "/checkpoint", "read_only": True}
+    assert p.checkpoints == ("/models/llama",)
+    assert p.disk_paths == ()
+    inv = render(p)["all"]
+    assert inv["vars"]["evalprov_preflight_dirs"] == ["/models/llama"]
+    assert inv["hosts"]["gpu1"]["evalprov_plan_instances"][0]["volumes"] == [
+        "/models/llama:/checkpoint:ro"
     ]
 
 
@@ -235,7 +241,13 @@ def test_hf_id_in_either_field_is_served_by_id_with_the_hf_cache_mounted(field, 
     assert inst.argv[2] == "Qwen/Qwen3-4B"
     assert "/checkpoint" not in inst.argv
     assert inst.mounts == (Mount("/data/hf", HF_CACHE_MOUNT, False),)
-    assert render(p)["all"]["hosts"]["gpu1"]["evalprov_preflight_checkpoints"] == []
+    assert p.checkpoints == () and p.disk_paths == ("/data/hf",)
+    inv = render(p)["all"]
+    assert inv["vars"]["evalprov_preflight_dirs"] == []
+    assert inv["vars"]["evalprov_preflight_disk_paths"] == ["/data/hf"]
+    assert inv["hosts"]["gpu1"]["evalprov_plan_instances"][0]["volumes"] == [
+        f"/data/hf:{HF_CACHE_MOUNT}:rw"
+    ]
 
 
 def test_hf_model_handle_wins_over_checkpoint_path_as_in_nel(one_host_plan):
@@ -385,7 +397,11 @@ def test_deployment_none_plans_no_instances_and_points_tasks_at_the_target(make_
     assert [t.url for t in p.task_runs] == ["https://api.example.com/v1/chat/completions"] * 2
     assert [t.instance for t in p.task_runs] == [None, None]
     assert not any("GPU counts" in n for n in p.notes)
-    assert render(p)["all"]["hosts"]["a"]["evalprov_preflight_gpus_required"] == 0
+    host = render(p)["all"]["hosts"]["a"]
+    assert host["evalprov_plan_instances"] == [] and host["evalprov_plan_gpus"] is None
+    assert p.image is None and p.checkpoints == () and p.disk_paths == ()
+    # a host with no GPU and no docker fits: nothing is served there
+    assert check(p, {"a": Probed(gpu_count=0), "b": Probed(gpu_count=0)}).problems == ()
 
 
 # --------------------------------------------------------------------------- slurm
