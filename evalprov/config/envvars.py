@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from evalprov.errors import ConfigError
 
-_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,255}")  # used with fullmatch
 
 
 @dataclass(frozen=True)
@@ -40,12 +40,12 @@ def parse_env_value(raw: Any) -> EnvVarSpec:
     text = str(raw)
     prefix, sep, rest = text.partition(":")
     if sep and prefix in ("host", "runtime"):
-        if not _NAME.match(rest):
+        if not _NAME.fullmatch(rest):
             raise ValueError(f"{prefix}: needs a variable name after it; use {prefix}:NAME")
         return EnvVarSpec(prefix, rest)  # type: ignore[arg-type]
     if sep and prefix == "lit":
         return EnvVarSpec("lit", rest)
-    if _NAME.match(text):
+    if _NAME.fullmatch(text):
         return EnvVarSpec("host", text)
     raise ValueError(
         "env var value is neither a variable name nor prefixed; write host:NAME to read NAME "

@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from evalprov.config.models import NOT_ACTED_ON, Config
+from evalprov.config.safeyaml import MAX_DEPTH, load_text, read_bounded
 from evalprov.config.tasks import task_table
 from evalprov.errors import ConfigError
 
@@ -36,7 +37,11 @@ UNSUPPORTED = {
 _TYPE_TO_OPTION = {"slurm": "slurm/default", "lepton": "lepton/default"}
 MISSING = "???"
 _INTERP = re.compile(r"\$\{([^${}]+)\}")
-_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_DOTTED = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
+# Interpolation may copy subtrees (${path}) and concatenate strings: bound the work.
+MAX_RESOLUTIONS = 10_000
+MAX_INTERP_NODES = 200_000
+MAX_INTERP_STRING = 1024 * 1024
 
 
 @dataclass
@@ -51,15 +56,9 @@ class LoadedConfig:
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
+    text = read_bounded(p)
     try:
-        text = p.read_text()
-    except FileNotFoundError:
-        raise ConfigError(f"config: file {str(p)!r} not found; give the path of a YAML config")
-    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"config: cannot read {str(p)!r} ({exc.__class__.__name__}); "
-                          "give a readable YAML file")
-    try:
-        data = yaml.load(text, Loader=_Loader)  # noqa: S506 - a safe loader
+        data = load_text(text, source=str(p))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1} column {mark.column + 1}" if mark else ""
@@ -82,7 +81,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 def _packaged(group: str, option: str) -> dict[str, Any]:
     parts = f"{option}.yaml".split("/")
     ref = resources.files("evalprov.config").joinpath("defaults", group, *parts)
-    return yaml.load(ref.read_text(), Loader=_Loader) or {}  # noqa: S506
+    return load_text(ref.read_text(), source=f"packaged defaults {'/'.join(parts)}") or {}
 
 
 # --------------------------------------------------------------------------- overrides
@@ -92,15 +91,19 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     """``a.b.c=value`` with YAML typing of the value (``-o x.y=false`` is a real False)."""
     key, sep, raw = text.partition("=")
     key = key.strip()
-    if not sep or not key or not re.match(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$", key):
+    if not sep or not key or not _DOTTED.fullmatch(key):
         raise ConfigError(
-            f"-o {text!r}: an override is key.path=value, e.g. -o deployment.port=8001"
+            f"-o {_short(text)}: an override is key.path=value, e.g. -o deployment.port=8001"
         )
+    parts = key.split(".")
+    if len(parts) > MAX_DEPTH:
+        raise ConfigError(f"-o {_short(text)}: the key path has {len(parts)} parts; a config "
+                          f"field is at most {MAX_DEPTH} levels deep")
     try:
-        value = yaml.load(raw, Loader=_Loader) if raw.strip() else ""  # noqa: S506
+        value = load_text(raw, source=f"-o {_short(text)}", prefix=key) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
-    return key.split("."), value
+    return parts, value
 
 
 def _indices(node: list[Any]) -> str:
@@ -115,25 +118,25 @@ def apply_override(data: dict[str, Any], path: list[str], value: Any, text: str)
         nxt = path[i + 1]
         if isinstance(node, list):
             if not part.isdigit() or int(part) >= len(node):
-                raise ConfigError(f"-o {text!r}: {'.'.join(path[:i + 1])} is not an index of a "
-                                  f"list of {len(node)}; {_indices(node)}")
+                raise ConfigError(f"-o {_short(text)}: {'.'.join(path[:i + 1])} is not an index "
+                                  f"of a list of {len(node)}; {_indices(node)}")
             node = node[int(part)]
             continue
         if not isinstance(node, dict):
-            raise ConfigError(f"-o {text!r}: {'.'.join(path[:i])} is not a mapping")
+            raise ConfigError(f"-o {_short(text)}: {'.'.join(path[:i])} is not a mapping")
         if part not in node or node[part] is None:
             node[part] = [] if nxt.isdigit() else {}
         node = node[part]
     last = path[-1]
     if isinstance(node, list):
         if not last.isdigit() or int(last) >= len(node):
-            raise ConfigError(f"-o {text!r}: {'.'.join(path)} is not an index of a list of "
+            raise ConfigError(f"-o {_short(text)}: {'.'.join(path)} is not an index of a list of "
                               f"{len(node)}; {_indices(node)}")
         node[int(last)] = value
     elif isinstance(node, dict):
         node[last] = value
     else:
-        raise ConfigError(f"-o {text!r}: {'.'.join(path[:-1])} is not a mapping")
+        raise ConfigError(f"-o {_short(text)}: {'.'.join(path[:-1])} is not a mapping")
 
 
 # --------------------------------------------------------------------------- composition
@@ -167,12 +170,12 @@ def _choose(group: str, option: Any, where: str = "defaults") -> str:
         return option
     if option in UNSUPPORTED[group] or option.split("/")[0] in UNSUPPORTED[group]:
         raise ConfigError(
-            f"{group}: {option!r} is unsupported by evalprov; supported: "
+            f"{group}: {_short(option)} is unsupported by evalprov; supported: "
             f"{', '.join(SUPPORTED[group])}"
         )
     close = difflib.get_close_matches(option, SUPPORTED[group], n=1)
     hint = f"did you mean {close[0]}?" if close else f"use one of {', '.join(SUPPORTED[group])}"
-    raise ConfigError(f"{where}: unknown {group} {option!r}; {hint}")
+    raise ConfigError(f"{where}: unknown {group} {_short(option)}; {hint}")
 
 
 def compose(user: dict[str, Any], default_execution: str = "local") -> dict[str, Any]:
@@ -188,14 +191,15 @@ def compose(user: dict[str, Any], default_execution: str = "local") -> dict[str,
             continue
         if not isinstance(entry, dict) or len(entry) != 1:
             raise ConfigError(
-                f"defaults: entry {entry!r} must be _self_ or one group: option, e.g. "
+                f"defaults: entry {_short(entry)} must be _self_ or one group: option, e.g. "
                 "{deployment: vllm}"
             )
         (group, option), = entry.items()
         group = str(group).removeprefix("override ").strip()
         if group not in SUPPORTED:
             raise ConfigError(
-                f"defaults: unknown group {group!r}; evalprov composes execution and deployment"
+                f"defaults: unknown group {_short(group)}; evalprov composes execution and "
+                "deployment"
             )
         choices[group] = _choose(group, option)
         order.append(group)
@@ -215,7 +219,7 @@ def compose(user: dict[str, Any], default_execution: str = "local") -> dict[str,
         chosen = _choose(group, _TYPE_TO_OPTION.get(typ, typ), where=f"{group}.type")
         if group in choices and choices[group] != chosen:
             raise ConfigError(
-                f"{group}.type: {typ!r} contradicts the defaults list entry {group}: "
+                f"{group}.type: {_short(typ)} contradicts the defaults list entry {group}: "
                 f"{choices[group]}; change one of them (or drop {group}.type)"
             )
         choices[group] = chosen
@@ -264,22 +268,49 @@ def _lookup(root: dict[str, Any], dotted: str) -> Any:
     return node
 
 
-def _resolve_one(expr: str, root: dict[str, Any], where: str, environ) -> Any:
+class _Budget:
+    """Work interpolation may do: resolutions, values built, characters per string."""
+
+    def __init__(self) -> None:
+        self.resolutions = 0
+        self.nodes = 0
+
+    def resolve(self, where: str) -> None:
+        self.resolutions += 1
+        if self.resolutions > MAX_RESOLUTIONS:
+            raise ConfigError(f"{where}: interpolation resolves more than {MAX_RESOLUTIONS} "
+                              "references; the references multiply, write the values out")
+
+    def node(self, where: str) -> None:
+        self.nodes += 1
+        if self.nodes > MAX_INTERP_NODES:
+            raise ConfigError(f"{where or 'config'}: interpolation expands the config to more "
+                              f"than {MAX_INTERP_NODES} values; the ${{path}} references "
+                              "multiply, write the values out")
+
+
+def _resolve_one(expr: str, root: dict[str, Any], where: str, environ,
+                 secrets: list[tuple[str, str]] | None = None) -> tuple[Any, bool]:
+    """(value, read from the environment). An environment value is a plain string: as in
+    OmegaConf, a resolver's output is not interpolated again."""
     expr = expr.strip()
     if expr.startswith("oc.env:"):
         name, comma, default = expr[len("oc.env:"):].partition(",")
         name = name.strip()
         if name in environ:
-            return environ[name]
+            value = str(environ[name])
+            if secrets is not None:
+                secrets.append((name, value))
+            return value, True
         if comma:
-            return default.strip().strip("'\"")
+            return default.strip().strip("'\""), True
         raise ConfigError(
             f"{where}: ${{oc.env:{name}}} reads {name} from the environment, which is not set; "
             f"export {name} or give a default as ${{oc.env:{name},default}}"
         )
-    if re.match(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$", expr):
+    if _DOTTED.fullmatch(expr):
         try:
-            return _lookup(root, expr)
+            return _lookup(root, expr), False
         except KeyError:
             raise ConfigError(f"{where}: ${{{expr}}} refers to a field that does not exist; "
                               "fix the reference") from None
@@ -289,10 +320,20 @@ def _resolve_one(expr: str, root: dict[str, Any], where: str, environ) -> Any:
     )
 
 
-def interpolate(root: dict[str, Any], environ=None) -> dict[str, Any]:
+def interpolate(root: dict[str, Any], environ=None,
+                secrets: list[tuple[str, str]] | None = None) -> dict[str, Any]:
+    """``root`` with every ``${...}`` resolved. Each value read from the environment is
+    appended to ``secrets`` as (name, value), so error lines can avoid echoing it."""
     environ = os.environ if environ is None else environ
+    budget = _Budget()
+
+    def resolve(expr: str, where: str, depth: int) -> Any:
+        budget.resolve(where)
+        value, from_env = _resolve_one(expr, root, where, environ, secrets)
+        return value if from_env else walk(value, where, depth + 1)
 
     def walk(node: Any, where: str, depth: int = 0) -> Any:
+        budget.node(where)
         if isinstance(node, dict):
             return {k: walk(v, f"{where}.{k}" if where else str(k), depth) for k, v in node.items()}
         if isinstance(node, list):
@@ -302,9 +343,18 @@ def interpolate(root: dict[str, Any], environ=None) -> dict[str, Any]:
                 raise ConfigError(f"{where}: interpolation nests too deep; remove the cycle")
             whole = _INTERP.fullmatch(node.strip())
             if whole:
-                return walk(_resolve_one(whole.group(1), root, where, environ), where, depth + 1)
-            text = _INTERP.sub(lambda m: str(_resolve_one(m.group(1), root, where, environ)), node)
-            return walk(text, where, depth + 1)
+                return resolve(whole.group(1), where, depth)
+            pieces, pos, length = [], 0, 0
+            for m in _INTERP.finditer(node):
+                piece = str(resolve(m.group(1), where, depth))
+                pieces += [node[pos:m.start()], piece]
+                pos = m.end()
+                length += len(pieces[-2]) + len(piece)
+                if length > MAX_INTERP_STRING:
+                    raise ConfigError(f"{where}: interpolation builds a string longer than "
+                                      f"{MAX_INTERP_STRING // 1024} KiB; shorten the value")
+            pieces.append(node[pos:])
+            return "".join(pieces)
         return node
 
     return walk(root, "")
@@ -434,7 +484,7 @@ def _problems(exc: ValidationError, data: dict[str, Any]) -> list[_Problem]:
                        and re.fullmatch(r"evaluation\.tasks\.\d+", path) else "")
             line = f"{path}: got {_short(value)}; write a mapping of fields here{example}"
         else:
-            line = f"{path}: got {_short(value)}: {msg[0].lower()}{msg[1:]}"
+            line = f"{path}: got {_short(value)}: {msg[:1].lower()}{msg[1:]}"
         out.append(_Problem(path, line, kind))
     return out
 
@@ -483,8 +533,57 @@ def _check_tasks(config: Config) -> None:
         raise ConfigError(*errors)
 
 
+def _nul_lines(node: Any, where: str = "") -> list[str]:
+    """A NUL in any key or string: the OS refuses it in paths, argv and the environment."""
+    if isinstance(node, dict):
+        out = []
+        for k, v in node.items():
+            path = f"{where}.{k}" if where else str(k)
+            if isinstance(k, str) and "\0" in k:
+                out.append(f"{where or 'config'}: key {_short(k)} contains a NUL character; "
+                           "remove it")
+            out += _nul_lines(v, path)
+        return out
+    if isinstance(node, list):
+        return [e for i, v in enumerate(node) for e in _nul_lines(v, f"{where}.{i}")]
+    if isinstance(node, str) and "\0" in node:
+        return [f"{where}: {_short(node)} contains a NUL character; remove it"]
+    return []
+
+
+def _windows(value: str, size: int = 8) -> set[str]:
+    head = value[:65536]
+    return {head[i:i + size] for i in range(max(0, len(head) - size + 1))}
+
+
+def scrub(lines: list[str], secrets: list[tuple[str, str]]) -> list[str]:
+    """Error lines with every value read from the environment replaced by "the value of
+    ${oc.env:NAME}" (it may be a secret); a line that would still show part of one is
+    replaced by a line naming the field and the variable only."""
+    out = []
+    for line in lines:
+        for name, value in secrets:
+            if not value:
+                continue
+            label = f"the value of ${{oc.env:{name}}}"
+            forms = [repr(value), _short(value)]
+            if len(value) >= 4:
+                forms += [repr(value)[1:-1], value]
+            for form in sorted(set(forms), key=len, reverse=True):
+                line = line.replace(form, label)
+            if len(value) >= 8 and any(w in line for w in _windows(value)):
+                field_ = line.split(": ", 1)[0]
+                line = (f"{field_}: the value of ${{oc.env:{name}}} is not valid there; "
+                        f"check {name} in the environment")
+        out.append(line)
+    return list(dict.fromkeys(out))
+
+
 def validate(data: dict[str, Any], user: dict[str, Any]) -> LoadedConfig:
     """Every problem at once: ``???`` placeholders left in, then schema errors elsewhere."""
+    nul = _nul_lines(data)
+    if nul:
+        raise ConfigError(*nul)
     missing = _placeholder_paths(data)
     problems = [_Problem(p, _placeholder_line(p), MISSING) for p in missing]
     config = None
@@ -517,8 +616,12 @@ def load_config(
     for text, keys, value in parsed:  # command-line values win over every defaults entry
         if keys[0] != "defaults":
             apply_override(composed, keys, copy.deepcopy(value), text)
-    data = interpolate(composed, environ)
-    loaded = validate(data, user)
+    secrets: list[tuple[str, str]] = []
+    data = interpolate(composed, environ, secrets)
+    try:
+        loaded = validate(data, user)
+    except ConfigError as exc:
+        raise ConfigError(*scrub(exc.lines, secrets)) from None
     loaded.source = str(path)
     return loaded
 

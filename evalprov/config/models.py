@@ -7,6 +7,7 @@ loader). Fields that NEL defines and evalprov does not act on yet are accepted a
 
 from __future__ import annotations
 
+import posixpath
 import re
 import shlex
 from typing import Annotated, Any, Literal, Union
@@ -22,22 +23,34 @@ from pydantic import (
 
 from evalprov.config.envvars import EnvVarSpec, parse_env_value
 
+# Every pattern here is used with fullmatch: `$` in re.match also matches before a final
+# newline, which a YAML `|` block scalar gives.
 # Values that end up in argv, container names or paths: no whitespace, no leading dash.
-SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._:/@+=-]*$")
-HF_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._:/@+=-]{0,255}")
+HF_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
 IMAGE_REF = re.compile(
-    r"^[a-z0-9]+([._-][a-z0-9]+)*(:[0-9]+)?(/[a-z0-9]+([._-]+[a-z0-9]+)*)*"
-    r"(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(@sha256:[a-f0-9]{64})?$"
+    r"[a-z0-9]+([._-][a-z0-9]+)*(:[0-9]+)?(/[a-z0-9]+([._-]+[a-z0-9]+)*)*"
+    r"(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(@sha256:[a-f0-9]{64})?"
 )
 # First path segments the Hub keeps for itself (huggingface.co/models, /datasets, ...): no
 # org or user can have them, so `models/llama` is a relative path, not a HuggingFace id.
 HF_RESERVED = frozenset(
     {"models", "datasets", "spaces", "docs", "api", "collections", "papers", "settings"}
 )
-ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-WALLTIME = re.compile(r"^(\d+-)?\d{1,3}:\d{2}:\d{2}$")
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,255}")
+WALLTIME = re.compile(r"(\d{1,4}-)?\d{1,3}:\d{2}:\d{2}")
+GRES = re.compile(r"gpu(:[A-Za-z0-9_-]{1,64})?:(\d{1,4})")
 
-# vllm serve options that evalprov sets from deployment fields; extra_args may not repeat them.
+# Bounds on counts, so a plan is something that can exist (and is computed in bounded memory).
+MAX_PARALLEL = 1024  # each of tensor/pipeline/data parallel size
+MAX_GPUS_PER_INSTANCE = 4096  # their product
+MAX_COUNT = 1024  # instances per host, Slurm nodes, instances, tasks per node, GPUs per node
+MAX_TIMEOUT = 7 * 24 * 3600  # seconds
+
+# vllm serve options that evalprov sets itself (vllm_argv in plan.py): extra_args may not
+# repeat them. vLLM's FlexibleArgumentParser turns `_` into `-` in an option name and
+# argparse takes any unambiguous prefix of a long option, so extra_args tokens are read the
+# same way before they are compared (see vllm_option).
 PLANNED_OPTIONS = {
     "--tensor-parallel-size": "deployment.tensor_parallel_size",
     "-tp": "deployment.tensor_parallel_size",
@@ -46,14 +59,104 @@ PLANNED_OPTIONS = {
     "--data-parallel-size": "deployment.data_parallel_size",
     "-dp": "deployment.data_parallel_size",
     "--port": "deployment.port",
+    "--host": "the plan (each instance listens on its host's loopback address)",
     "--served-model-name": "deployment.served_model_name",
     "--gpu-memory-utilization": "deployment.gpu_memory_utilization",
     "--model": "deployment.checkpoint_path or deployment.hf_model_handle",
 }
+# Secrets in argv are visible to every user of the host (ps, /proc/PID/cmdline).
+SECRET_OPTIONS = ("--api-key",)
+_NUMBER = re.compile(r"-\d+(\.\d*)?([eE][-+]?\d+)?")
+
+
+def vllm_option(token: str) -> str | None:
+    """The option name vLLM's parser reads from an argv token (None: not an option).
+
+    ``--served_model_name=x`` -> ``--served-model-name`` (FlexibleArgumentParser: `_` to `-`
+    in the name, up to a `.` of a dotted JSON key); ``-tp=8`` -> ``-tp``."""
+    if token in ("-", "--") or not token.startswith("-") or _NUMBER.fullmatch(token):
+        return None
+    name = token.split("=", 1)[0]
+    if name.startswith("--"):
+        return "--" + name[2:].split(".", 1)[0].replace("_", "-")
+    return name
+
+
+def _matches(option: str, reserved: tuple[str, ...]) -> list[str]:
+    """Reserved options that ``option`` names exactly or abbreviates (argparse allow_abbrev
+    takes an unambiguous prefix; an ambiguous one is refused by vLLM anyway)."""
+    if option in reserved:
+        return [option]
+    if option.startswith("--"):
+        if len(option) <= 2:
+            return []
+        return [r for r in reserved if r.startswith("--") and r.startswith(option)]
+    # single dash: a prefix of -tp/-pp/-dp, or one glued to its number (-tp8)
+    return [r for r in reserved if not r.startswith("--")
+            and (r.startswith(option) or (option.startswith(r) and option[len(r):].isdigit()))]
+
+
+def planned_options(token: str) -> list[str]:
+    """The options of PLANNED_OPTIONS that an extra_args token sets as vLLM parses it."""
+    opt = vllm_option(token)
+    return [] if opt is None else _matches(opt, tuple(PLANNED_OPTIONS))
+
+
+def extra_arg_refusal(token: str) -> str | None:
+    """Why one extra_args token is refused (None: it is passed to vllm serve as is)."""
+    if any(c in token for c in "\0\n\r"):
+        return f"argument {token!r} contains a control character; remove it"
+    opt = vllm_option(token)
+    if opt is None:
+        return None
+    if _matches(opt, SECRET_OPTIONS):  # the message leaves the value (the key) out
+        return (f"{opt!r} would put an API key on the vllm serve command line, where every "
+                "user of the host can read it; API keys must come via deployment.env_vars "
+                "(e.g. VLLM_API_KEY: host:MY_KEY)")
+    reserved = planned_options(token)
+    if not reserved:
+        return None
+    fields = " and ".join(dict.fromkeys(PLANNED_OPTIONS[r] for r in reserved))
+    as_vllm = ("" if token.split("=", 1)[0] == reserved[0]
+               else f" (vLLM reads it as {' or '.join(reserved)})")
+    return (f"{token!r} is set by evalprov from {fields}{as_vllm}; set that field instead of "
+            "passing it in extra_args")
+
+
+def _control(value: str) -> str | None:
+    """The first control character (NUL, newline, escape, ...) in value, or None."""
+    return next((c for c in value if not c.isprintable() and c != " "), None)
+
+
+def host_path(value: str, *, mount: bool) -> str:
+    """An absolute, normalised path on a host. ``mount``: it becomes a docker -v source or
+    target, where `:` separates fields and `,` options, so neither may appear."""
+    if not value.startswith("/"):
+        raise ValueError(f"{value!r} is not an absolute path; give /absolute/path")
+    bad = next((c for c in value if c.isspace() or not c.isprintable()
+                or (mount and c in ":,")), None)
+    if bad is not None:
+        raise ValueError(
+            f"{value!r} must be an absolute path without spaces, commas, colons or control "
+            f"characters (it has {bad!r}); docker would read it as another mount or option"
+            if mount else
+            f"{value!r} must be an absolute path without spaces or control characters "
+            f"(it has {bad!r})"
+        )
+    norm = posixpath.normpath(value)
+    if "//" in value or norm != (value.rstrip("/") or "/"):
+        raise ValueError(f"{value!r} is not a normalised path (no //, . or .. parts); "
+                         f"write {norm!r}")
+    return value
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _not_bool(value: Any) -> Any:
@@ -70,7 +173,7 @@ Float = Annotated[float, BeforeValidator(_not_bool)]
 def _env_map(value: dict[str, Any]) -> dict[str, EnvVarSpec]:
     out = {}
     for name, raw in (value or {}).items():
-        if not ENV_NAME.match(str(name)):
+        if not ENV_NAME.fullmatch(str(name)):
             raise ValueError(
                 f"env var name {name!r} is not a valid variable name; use letters, digits and _"
             )
@@ -115,8 +218,9 @@ class Endpoints(Strict):
     @field_validator("*")
     @classmethod
     def _path(cls, value: str) -> str:
-        if not value.startswith("/") or any(c.isspace() for c in value):
-            raise ValueError(f"endpoint path {value!r} must start with / and contain no spaces")
+        if not value.startswith("/") or any(c.isspace() or not c.isprintable() for c in value):
+            raise ValueError(f"endpoint path {value!r} must start with / and contain no spaces "
+                             "or control characters")
         return value
 
 
@@ -133,9 +237,12 @@ class VllmDeployment(_EnvVarsMixin):
     ] = None
     served_model_name: Annotated[str, Field(description="Model name the endpoint serves.")]
     port: Annotated[Int, Field(ge=1, le=65535, description="Port of the first instance.")] = 8000
-    tensor_parallel_size: Annotated[Int, Field(ge=1, le=1024, description="TP size.")] = 8
-    pipeline_parallel_size: Annotated[Int, Field(ge=1, le=1024, description="PP size.")] = 1
-    data_parallel_size: Annotated[Int, Field(ge=1, le=1024, description="vLLM DP size.")] = 1
+    tensor_parallel_size: Annotated[
+        Int, Field(ge=1, le=MAX_PARALLEL, description="TP size.")] = 8
+    pipeline_parallel_size: Annotated[
+        Int, Field(ge=1, le=MAX_PARALLEL, description="PP size.")] = 1
+    data_parallel_size: Annotated[
+        Int, Field(ge=1, le=MAX_PARALLEL, description="vLLM DP size.")] = 1
     gpu_memory_utilization: Annotated[
         Float, Field(gt=0, le=1, description="Fraction of GPU memory vLLM may use.")
     ] = 0.95
@@ -154,7 +261,7 @@ class VllmDeployment(_EnvVarsMixin):
     @field_validator("image")
     @classmethod
     def _image(cls, value: str) -> str:
-        if not IMAGE_REF.match(value):
+        if not IMAGE_REF.fullmatch(value):
             raise ValueError(
                 f"{value!r} is not a container image reference; use e.g. vllm/vllm-openai:v0.11.0"
             )
@@ -163,10 +270,10 @@ class VllmDeployment(_EnvVarsMixin):
     @field_validator("served_model_name")
     @classmethod
     def _served(cls, value: str) -> str:
-        if not SAFE_NAME.match(value):
+        if not SAFE_NAME.fullmatch(value):
             raise ValueError(
-                f"{value!r} may hold only letters, digits and ._:/@+=- and must not start "
-                "with - or ."
+                f"{value!r} may hold only letters, digits and ._:/@+=- (at most 256), and must "
+                "not start with - or ."
             )
         return value
 
@@ -176,12 +283,8 @@ class VllmDeployment(_EnvVarsMixin):
         if value is None:
             return None
         if value.startswith("/"):
-            if any(c.isspace() or c in "\0," for c in value) or "/../" in value + "/":
-                raise ValueError(
-                    f"{value!r} must be an absolute path without spaces, commas or .."
-                )
-            return value
-        if HF_ID.match(value) and value.split("/", 1)[0].lower() not in HF_RESERVED:
+            return host_path(value, mount=True)
+        if HF_ID.fullmatch(value) and value.split("/", 1)[0].lower() not in HF_RESERVED:
             return value
         raise ValueError(
             f"{value!r} is neither an absolute path on the host nor a HuggingFace id org/name; "
@@ -191,7 +294,7 @@ class VllmDeployment(_EnvVarsMixin):
     @field_validator("hf_model_handle")
     @classmethod
     def _hf(cls, value: str | None) -> str | None:
-        if value is not None and not HF_ID.match(value):
+        if value is not None and not HF_ID.fullmatch(value):
             raise ValueError(f"{value!r} is not a HuggingFace id; use org/name")
         return value
 
@@ -203,15 +306,22 @@ class VllmDeployment(_EnvVarsMixin):
         except ValueError as exc:
             raise ValueError(f"{value!r} cannot be split with shell rules ({exc}); fix the quoting")
         for tok in tokens:
-            if any(c in tok for c in "\0\n\r"):
-                raise ValueError(f"argument {tok!r} contains a control character; remove it")
-            opt = tok.split("=", 1)[0]
-            if opt in PLANNED_OPTIONS:
-                raise ValueError(
-                    f"{tok!r} is set by evalprov from {PLANNED_OPTIONS[opt]}; set that field "
-                    "instead of passing it in extra_args"
-                )
+            refusal = extra_arg_refusal(tok)
+            if refusal:
+                raise ValueError(refusal)
         return value
+
+    @model_validator(mode="after")
+    def _gpus(self) -> VllmDeployment:
+        gpus = self.tensor_parallel_size * self.pipeline_parallel_size * self.data_parallel_size
+        if gpus > MAX_GPUS_PER_INSTANCE:
+            raise ValueError(
+                f"tensor_parallel_size {self.tensor_parallel_size} x pipeline_parallel_size "
+                f"{self.pipeline_parallel_size} x data_parallel_size {self.data_parallel_size} "
+                f"= {gpus} GPUs per instance; at most {MAX_GPUS_PER_INSTANCE}, lower the "
+                "parallel sizes"
+            )
+        return self
 
     @model_validator(mode="after")
     def _model_source(self) -> VllmDeployment:
@@ -243,11 +353,12 @@ class _ExecutionCommon(_EnvVarsMixin):
     output_dir: Annotated[str, Field(description="Where results land on the controller.")]
     health_check_timeout: Annotated[
         Int | None,
-        Field(ge=1, description="Seconds to wait for /health (default: endpoint_readiness_timeout,"
-              " else 1800)."),
+        Field(ge=1, le=MAX_TIMEOUT, description="Seconds to wait for /health (default: "
+              "endpoint_readiness_timeout, else 1800)."),
     ] = None
     endpoint_readiness_timeout: Annotated[
-        Int | None, Field(ge=1, description="NEL's name for the health timeout, seconds.")
+        Int | None,
+        Field(ge=1, le=MAX_TIMEOUT, description="NEL's name for the health timeout, seconds."),
     ] = None
     instances_per_host: Annotated[
         int | Literal["auto"],
@@ -261,10 +372,10 @@ class _ExecutionCommon(_EnvVarsMixin):
         # One line instead of one per union member.
         if value == "auto":
             return value
-        if isinstance(value, str) and value.strip().isdigit():  # e.g. from ${oc.env:N}
-            value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"got {value!r}; use a count of 1 or more, or auto")
+        if isinstance(value, str) and re.fullmatch(r"[0-9]{1,6}", value.strip()):
+            value = int(value)  # e.g. from ${oc.env:N}
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_COUNT:
+            raise ValueError(f"got {_short(value)}; use a count from 1 to {MAX_COUNT}, or auto")
         return value
     placement: Annotated[
         Literal["shard", "every_host"],
@@ -310,11 +421,26 @@ class _ExecutionCommon(_EnvVarsMixin):
     env_vars: EnvVars
     auto_export: Annotated[dict[str, Any] | None, Field(description="NEL auto export.")] = None
 
-    @field_validator("work_dir", "hf_cache_dir", "vllm_venv", "harness_venv")
+    @field_validator("work_dir", "hf_cache_dir")
+    @classmethod
+    def _mounted(cls, value: str) -> str:
+        # hf_cache_dir is mounted into vLLM; each task's directory under work_dir into the
+        # harness container.
+        return host_path(value, mount=True)
+
+    @field_validator("vllm_venv", "harness_venv")
     @classmethod
     def _abs(cls, value: str) -> str:
-        if not value.startswith("/") or any(c.isspace() for c in value):
-            raise ValueError(f"{value!r} must be an absolute path without spaces")
+        return host_path(value, mount=False)
+
+    @field_validator("output_dir")
+    @classmethod
+    def _output(cls, value: str) -> str:
+        bad = _control(value)
+        if bad is not None:
+            raise ValueError(f"{value!r} contains the control character {bad!r}; remove it")
+        if not value.strip():
+            raise ValueError("is empty; give a directory, e.g. ./evalprov-results")
         return value
 
     @property
@@ -345,9 +471,10 @@ class SlurmExecution(_ExecutionCommon):
     account: Annotated[str, Field(description="Slurm account.")]
     partition: Annotated[str, Field(description="Slurm partition.")] = "batch"
     cpu_partition: Annotated[str | None, Field(description="CPU partition for exports.")] = None
-    num_nodes: Annotated[Int, Field(ge=1, description="Nodes in all.")] = 1
-    num_instances: Annotated[Int, Field(ge=1, description="Independent deployments.")] = 1
-    ntasks_per_node: Annotated[Int, Field(ge=1, description="Tasks per node.")] = 1
+    num_nodes: Annotated[Int, Field(ge=1, le=MAX_COUNT, description="Nodes in all.")] = 1
+    num_instances: Annotated[
+        Int, Field(ge=1, le=MAX_COUNT, description="Independent deployments.")] = 1
+    ntasks_per_node: Annotated[Int, Field(ge=1, le=MAX_COUNT, description="Tasks per node.")] = 1
     gres: Annotated[str, Field(description="GRES per node, e.g. gpu:8.")] = "gpu:8"
     walltime: Annotated[str, Field(description="Job time limit HH:MM:SS.")] = "01:00:00"
     max_walltime: Annotated[str | None, Field(description="Limit across resumes.")] = "120:00:00"
@@ -372,15 +499,19 @@ class SlurmExecution(_ExecutionCommon):
             h, rest = divmod(value, 3600)
             m, s = divmod(rest, 60)
             return f"{h:02d}:{m:02d}:{s:02d}"
-        if isinstance(value, str) and not WALLTIME.match(value):
+        if isinstance(value, str) and not WALLTIME.fullmatch(value):
             raise ValueError(f"{value!r} is not a Slurm time; use HH:MM:SS, e.g. 02:00:00")
         return value
 
     @field_validator("gres")
     @classmethod
     def _gres(cls, value: str) -> str:
-        if not re.match(r"^gpu(:[A-Za-z0-9_-]+)?:\d+$", value):
+        m = GRES.fullmatch(value)
+        if not m:
             raise ValueError(f"{value!r} is not a GPU gres; use gpu:N, e.g. gpu:8")
+        if int(m.group(2)) > MAX_COUNT:
+            raise ValueError(f"{value!r} asks for more than {MAX_COUNT} GPUs per node; use "
+                             "gpu:N with the node's GPU count")
         return value
 
     @property
@@ -416,16 +547,22 @@ class Task(_EnvVarsMixin):
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
-        if not SAFE_NAME.match(value):
+        if not SAFE_NAME.fullmatch(value):
             raise ValueError(f"{value!r} is not a task name; use e.g. ifeval or simple_evals.mmlu")
         return value
 
     @field_validator("container")
     @classmethod
     def _container(cls, value: str | None) -> str | None:
-        if value is not None and not IMAGE_REF.match(value):
+        if value is not None and not IMAGE_REF.fullmatch(value):
             raise ValueError(f"{value!r} is not a container image reference")
         return value
+
+    @field_validator("dataset_dir", "dataset_mount_path")
+    @classmethod
+    def _dataset(cls, value: str | None) -> str | None:
+        # dataset_dir:dataset_mount_path:ro becomes a docker -v argument
+        return None if value is None else host_path(value, mount=True)
 
 
 class Evaluation(_EnvVarsMixin):

@@ -12,8 +12,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 
-import yaml
-
+from evalprov.config.safeyaml import load_text
 from evalprov.errors import ConfigError
 
 
@@ -68,8 +67,7 @@ class TaskTable:
 @lru_cache(maxsize=1)
 def task_table() -> TaskTable:
     text = resources.files("evalprov.config").joinpath("tasks.yaml").read_text()
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-    data = yaml.load(text, Loader=loader)  # noqa: S506 - a safe loader
+    data = load_text(text, source="packaged tasks.yaml")
     harnesses = dict(data["harnesses"])
     tasks = tuple(
         TaskInfo(

@@ -10,23 +10,24 @@ import pytest
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
-from evalprov.config.models import PLANNED_OPTIONS
+from evalprov.config.models import extra_arg_refusal
 from evalprov.errors import ConfigError, PlanError
 from evalprov.plan import HostFacts, plan
 
 TASK_POOL = ["ifeval", "gpqa_diamond", "mmlu", "mmlu_pro", "math_test_500", "mbpp-chat",
              "mmlu_instruct", "chartqa"]
-BASE_ARGV_LEN = 13
+BASE_ARGV_LEN = 15
 FAST = settings(max_examples=120, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow])
 
 # One argument of extra_args: any text the config accepts (no NUL/CR/LF, not an option
-# evalprov sets itself), shell metacharacters and quotes included.
+# evalprov sets itself as vLLM reads it, nor --api-key), shell metacharacters and quotes
+# included.
 token = st.text(
     alphabet=st.characters(codec="utf-8", exclude_characters="\0\r\n",
                            exclude_categories=("Cs",)),
     max_size=12,
-).filter(lambda t: t.split("=", 1)[0] not in PLANNED_OPTIONS)
+).filter(lambda t: extra_arg_refusal(t) is None)
 
 hosts_st = st.lists(st.one_of(st.none(), st.integers(0, 40)), min_size=1, max_size=4)
 
