@@ -175,8 +175,11 @@ def model_source(dep: VllmDeployment, runtime: str = "docker") -> ModelSource:
     return ModelSource("hf", path, path)
 
 
-def vllm_argv(dep: VllmDeployment, model: ModelSource, port: int) -> tuple[str, ...]:
-    """NEL's base_command as a list: extra_args split with shell rules, never re-joined."""
+def vllm_argv(dep: VllmDeployment, model: ModelSource, port: int,
+              bind: str | None = LOOPBACK) -> tuple[str, ...]:
+    """NEL's base_command as a list: extra_args split with shell rules, never re-joined.
+    `bind`: the address the API listens on (on a bare-metal or local host, loopback: every
+    health check and task runs on the host itself); None keeps NEL's command as it is."""
     return (
         "vllm",
         "serve",
@@ -186,9 +189,7 @@ def vllm_argv(dep: VllmDeployment, model: ModelSource, port: int) -> tuple[str, 
         f"--data-parallel-size={dep.data_parallel_size}",
         "--port",
         str(port),
-        # the API answers on the host only: every task and health check runs there
-        "--host",
-        LOOPBACK,
+        *(("--host", bind) if bind else ()),
         "--trust-remote-code",
         "--served-model-name",
         dep.served_model_name,
@@ -285,7 +286,8 @@ def plan_instances(config: Config, host: HostFacts) -> tuple[Instance, ...]:
                 "or execution.instances_per_host"
             )
         gpus = tuple(range(i * need, (i + 1) * need))
-        argv = vllm_argv(dep, model, port)
+        argv = vllm_argv(dep, model, port,
+                         None if isinstance(config.execution, SlurmExecution) else LOOPBACK)
         name = container_name(i)
         env = (process_env(config, gpus) if runtime == "process" else ()) + literals
         digest = spec_hash(

@@ -423,7 +423,8 @@ deployment:
   tensor_parallel_size: 1
   env_vars:
     HF_TOKEN: host:EVALPROV_TEST_HF_TOKEN
-    SERVER_LIT: lit:supersecret-server
+    SERVER_PASSWORD: lit:supersecret-server
+    VLLM_PLAIN_SETTING: lit:plain-value-42
 evaluation:
   env_vars:
     EVAL_KEY: lit:supersecret-eval
@@ -441,7 +442,9 @@ evaluation:
     [["inventory"], ["inventory", "--format", "json"], ["plan"], ["plan", "--format", "yaml"],
      ["plan", "--format", "json"]],
 )
-def test_no_env_var_value_appears_in_any_output(command, tmp_path, monkeypatch, capsys):
+def test_no_secret_value_appears_in_any_output(command, tmp_path, monkeypatch, capsys):
+    """Secrets (host-read values, literals named like a token/key/secret/password) never
+    appear; a plain literal is configuration and is shown in the plan (JSON/YAML/text)."""
     monkeypatch.setenv("EVALPROV_TEST_HF_TOKEN", "hf_tokenvalue12345")
     config = tmp_path / "secret.yaml"
     config.write_text(textwrap.dedent(SECRET_CONFIG))
@@ -453,3 +456,5 @@ def test_no_env_var_value_appears_in_any_output(command, tmp_path, monkeypatch, 
     assert "HF_TOKEN" in out and "EVAL_KEY" in out and "TOP_LEVEL_KEY" in out
     for value in ("supersecret", "hf_tokenvalue12345"):
         assert value not in out and value not in err
+    if command[0] == "inventory" or "--format" in command:
+        assert "plain-value-42" in out

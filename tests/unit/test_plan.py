@@ -22,7 +22,7 @@ SEED_ARGV = [
     "--gpu-memory-utilization", "0.95",
     "--max-model-len", "4096",
 ]  # fmt: skip
-BASE_ARGV_LEN = 13  # vllm serve MODEL + 10 planned tokens, before extra_args
+BASE_ARGV_LEN = 15  # vllm serve MODEL + 12 planned tokens, before extra_args
 
 
 @pytest.fixture

@@ -146,3 +146,43 @@ def health(port, health_path, served):
     if status != 200 or (served and served not in ids):
         return False, f"/v1/models lists {ids}, not {served}"
     return True, ""
+
+
+# ---------------------------------------------------------------------------- what a run starts
+
+
+def write_pid(path, pid):
+    """A pid file with the process's start time, so a reused pid is never taken for it."""
+    st = proc_stat(pid)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"pid": pid, "start_time": st[1] if st else None}, f)
+    os.replace(tmp, path)
+
+
+def read_pid(path):
+    try:
+        with open(path) as f:
+            rec = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return rec if isinstance(rec, dict) else {}
+
+
+def stop_group(pid, grace=10.0):
+    """SIGTERM the process group led by pid, SIGKILL what is left after grace seconds."""
+    import signal
+    import time
+
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 2.0)):
+        try:
+            os.killpg(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.1)

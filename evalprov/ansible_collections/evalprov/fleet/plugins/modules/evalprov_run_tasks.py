@@ -62,6 +62,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from ansible.module_utils.basic import AnsibleModule
+from ansible_collections.evalprov.fleet.plugins.module_utils.evalprov_host import (
+    stop_group,
+    write_pid,
+)
 
 
 def tail(path, lines):
@@ -120,12 +124,17 @@ def run_one(p, task):
     start = time.time()
     with open(log_path, "wb") as log:
         try:
-            proc = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd,
-                                  timeout=p["timeout"], check=False)
-            rc = proc.returncode
-        except subprocess.TimeoutExpired:
-            rc = 124
-            log.write(f"\nevalprov: task timed out after {p['timeout']} s\n".encode())
+            # its own process group, recorded: evalprov_stop_tasks stops it and all it started
+            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                    cwd=cwd, start_new_session=True)
+            write_pid(os.path.join(tdir, "harness.pid"), proc.pid)
+            try:
+                rc = proc.wait(timeout=p["timeout"])
+            except subprocess.TimeoutExpired:
+                stop_group(proc.pid)
+                proc.wait()
+                rc = 124
+                log.write(f"\nevalprov: task timed out after {p['timeout']} s\n".encode())
         except OSError as exc:
             rc = 127
             log.write(f"\nevalprov: cannot start the harness: {exc}\n".encode())
@@ -162,6 +171,7 @@ def main():
         module.exit_json(changed=bool(p["tasks"]), tasks=[
             {"name": t["name"], "status": "would run"} for t in p["tasks"]])
     os.makedirs(p["run_dir"], mode=0o700, exist_ok=True)
+    write_pid(os.path.join(p["run_dir"], "run_tasks.pid"), os.getpid())
     if p["runtime"] == "docker":
         remove_stale_containers(p["owner"])
     with ThreadPoolExecutor(max_workers=max(1, p["concurrency"])) as pool:
