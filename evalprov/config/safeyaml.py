@@ -219,6 +219,8 @@ def read_bounded(path: str | Path) -> str:
     (/dev/zero, a terminal) and sockets are refused without reading."""
     p = Path(path)
     shown = repr(str(p))
+    if len(shown) > 200:
+        shown = shown[:160] + "...'"
     try:
         mode = os.stat(p).st_mode
         if stat.S_ISDIR(mode):
