@@ -254,13 +254,37 @@ def _run_locked(loaded, hosts, opts, playbook, secret, per_task, out, ledger):
             raise
         result.interrupted = interrupt.hit
     d = decided.get("d")
+    if result.interrupted and d is not None and not opts.check and d.plan.task_runs:
+        stop_tasks(d, inputs, run_dir, inventories, opts)
     if result.facts:
         write_atomic(run_dir / "facts.json", json.dumps(result.facts, indent=2, sort_keys=True))
     if d is None:  # nothing was decided: no host reached, or a problem stopped the run
         return provisional, result, run_dir
+    if inputs.destroy and not opts.check:
+        for host, v in d.host_vars.items():
+            if host not in result.failed_hosts:
+                ledger.mark_gone(host, list(v.get("evalprov_vllm_remove") or ()))
     if record:
         record_run(loaded, d, result, run_dir, run_id, ledger)
     return d.plan, result, run_dir
+
+
+def stop_tasks(d: Decision, inputs: Inputs, run_dir: Path, inventories: list[str],
+               opts: Options) -> None:
+    """After an interrupt: stop the harness processes and containers this run started on
+    the hosts that had tasks, and fetch the results of the tasks that had finished."""
+    hosts = sorted(h.host for h in d.plan.hosts if h.tasks)
+    print(f"interrupted: stopping this run's tasks on {len(hosts)} host(s) and fetching the "
+          "results that had finished", file=sys.stderr)
+    try:
+        run_playbook("stop.yml", run_dir, inventories, {}, {
+            "evalprov_stop_run_dir": f"{d.plan.work_dir}/runs/{inputs.run_id}",
+            "evalprov_stop_run_id": inputs.run_id, "evalprov_stop_owner": inputs.owner,
+            "evalprov_stop_runtime": d.plan.runtime,
+            "evalprov_stop_fetch_dir": str(run_dir / "fetch")},
+            limit=",".join(hosts), forks=opts.forks)
+    except KeyboardInterrupt:  # Ctrl-C during the stop: leave it, the ledger stays right
+        print("interrupted again: not waiting for the hosts' tasks to stop", file=sys.stderr)
 
 
 def record_run(loaded: LoadedConfig, d: Decision, result: RunResult, run_dir: Path,

@@ -225,11 +225,25 @@ class Ledger:
 
     def record_deployment(self, run_id: str, host: str, instance: str, spec_hash: str,
                           port: int, status: str, error: str | None = None) -> None:
+        """This run's state of an instance; earlier runs' rows of the same instance say it
+        is now this run's (so no older run still claims it serves)."""
         with self._tx() as db:
+            db.execute("UPDATE deployments SET status = ?, updated = ? WHERE host = ? AND "
+                       "instance = ? AND run_id != ? AND status IN ('serving', 'failed')",
+                       (f"superseded by {run_id}", time.time(), host, instance, run_id))
             db.execute(
                 "INSERT OR REPLACE INTO deployments (run_id, host, instance, spec_hash, port, "
                 "status, error, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (run_id, host, instance, spec_hash, port, status, error, time.time()))
+
+    def mark_gone(self, host: str, instances: list[str], status: str = "destroyed") -> None:
+        """Instances that no longer run on a host (destroy removed them): every run's row
+        of them says so."""
+        with self._tx() as db:
+            for instance in instances:
+                db.execute("UPDATE deployments SET status = ?, updated = ? WHERE host = ? AND "
+                           "instance = ? AND status NOT LIKE 'superseded%'",
+                           (status, time.time(), host, instance))
 
     def add_attempts(self, run_id: str, rows: list[tuple[str, str, str, str | None]]) -> None:
         """rows: (host, task, key, instance) planned to run now, status pending. The attempt

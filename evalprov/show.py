@@ -153,14 +153,15 @@ def run_summary(result: RunResult, check: bool) -> tuple[str, int]:
         for host in sorted(result.hosts):
             for item in result.hosts[host].would_change:
                 rows.append(f"would change on {host}: {item}")
-    if failed:
+    if result.interrupted:
+        rows.append("interrupted: state saved; next: `evalprov apply --rerun failed` finishes "
+                    "the run")
+        code = Exit.INTERRUPTED
+    elif failed:
         for host in failed:
             errors = result.hosts[host].errors or ["failed"]
             rows.append(f"error: {host}: {errors[-1]}")
         code = Exit.FAILED
-    elif result.interrupted:
-        rows.append("interrupted: state saved; `evalprov apply --rerun failed` finishes the run")
-        code = Exit.INTERRUPTED
     elif bad_tasks:
         code = Exit.FAILED
     elif result.status != "successful":

@@ -41,7 +41,7 @@ def provision(args: argparse.Namespace, playbook: str) -> int:
     _, result, run_dir = apply.run(loaded, hosts, opts, playbook)
     text, code = apply.summary(result, opts.check)
     print(text)
-    if code and playbook == "site.yml":
+    if code == 1 and playbook == "site.yml":  # (an interrupt says its own next step)
         print(f"next: fix the errors above, then run the same evalprov apply again "
               f"(logs under {run_dir})", file=sys.stderr)
     return code

@@ -569,6 +569,11 @@ def test_sigint_mid_run_exits_130_ledger_consistent_and_rerun_completes(env, tmp
             fleet.docker("h1", "unpause", INSTANCE, check=False)
     assert code == 130, bg.text
     assert "interrupted: state saved" in bg.text
+    assert bg.text.count("next:") == 1, bg.text  # one next step
+    # what the run started is stopped: no harness container, no harness process on h1
+    assert _running_eval(fleet, "h1") == []
+    procs = fleet.exec("h1", ["ps", "-eo", "args"]).stdout.decode()
+    assert "run_eval" not in procs and "evalprov_run_tasks" not in procs, procs
 
     st = ledger(out)
     assert_settled(st)

@@ -295,3 +295,22 @@ def test_the_lock_names_its_holder_to_a_second_apply(tmp_path, monkeypatch):
     (line,) = exc.value.lines
     assert "is in use by another evalprov (pid " in line and "apply c.yaml" in line
     assert SECRET not in line
+
+
+def test_no_older_run_claims_an_instance_a_later_run_or_destroy_took(tmp_path):
+    """status tells the truth: a later run's row of the same instance supersedes the older
+    one, and destroy marks every run's row of a removed instance destroyed."""
+    ledger = Ledger(tmp_path)
+    try:
+        for run in ("r1", "r2"):
+            ledger.start_run(run, "c.yaml", None, command="evalprov apply c.yaml")
+            ledger.record_deployment(run, "h1", "evalprov-vllm-0", "aaa", 8000, "serving")
+        ledger.record_deployment("r2", "h2", "evalprov-vllm-0", "bbb", 8000, "serving")
+        r1 = {d["host"]: d["status"] for d in ledger.deployments_of("r1")}
+        assert r1 == {"h1": "superseded by r2"}
+        ledger.mark_gone("h1", ["evalprov-vllm-0"])
+        r2 = {d["host"]: d["status"] for d in ledger.deployments_of("r2")}
+        assert r2 == {"h1": "destroyed", "h2": "serving"}  # h2 was not destroyed
+        assert ledger.deployments_of("r1")[0]["status"] == "superseded by r2"
+    finally:
+        ledger.close()
