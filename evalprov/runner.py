@@ -174,6 +174,11 @@ class Progress:
         if kind == "runner_on_unreachable":
             hr.unreachable += 1
             msg = str(res.get("msg", "unreachable")).strip().splitlines()[0][:200]
+            if "Host key verification failed" in str(res.get("msg", "")):
+                msg = (f"host {host}: its SSH host key is not in known_hosts or has changed "
+                       "(host key checking stays on); add it with `ssh-keyscan HOST >> "
+                       "~/.ssh/known_hosts`, or set ansible_ssh_common_args: '-o "
+                       "StrictHostKeyChecking=accept-new' for the host in the inventory")
             hr.errors.append(f"unreachable: {msg}")
             print(f"{t} {host:<20} UNREACHABLE  {task}: {msg}", file=self.out, flush=True)
             return True
