@@ -68,7 +68,7 @@ class BoundedLoader(_Base):  # type: ignore[misc, valid-type]
             return self.construct_document(node)
         except yaml.YAMLError:
             raise
-        except (ValueError, TypeError, OverflowError, RecursionError) as exc:
+        except Exception as exc:  # PyYAML's constructors fail in many ways (!!timestamp '')
             raise ConfigError(
                 f"config: {self.source}: a value cannot be read ({_first_line(exc)}); quote it "
                 "to make it a string"

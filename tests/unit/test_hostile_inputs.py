@@ -214,6 +214,8 @@ YAML = [
         + "*a" + "]" * 40 + "\n", "b", process=True),
     raw("5000-digit integer", LOCAL_TEXT + "export: " + "9" * 5000 + "\n"),
     raw("impossible date", LOCAL_TEXT + "export: 2024-13-45\n"),
+    raw("empty !!timestamp", LOCAL_TEXT + "export: !!timestamp\n"),
+    raw("!!float that is not", LOCAL_TEXT + "export: !!float abc\n"),
     raw("invalid YAML", "deployment: [\n"),
     raw("tab indentation", "deployment:\n\tport: 1\n"),
     raw("control character", "x: a\x07b\n"),
