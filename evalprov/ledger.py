@@ -109,12 +109,23 @@ def _usage_error(exc: BaseException) -> bool:
         exc, sqlite3.IntegrityError | sqlite3.ProgrammingError | sqlite3.InterfaceError)
 
 
+SQLITE_MAX_PATH = 512  # SQLITE_MAX_PATHNAME of a default SQLite build
+
+
 class Ledger:
     def __init__(self, output_dir: Path, timeout: float = 30) -> None:
         output_dir.mkdir(parents=True, exist_ok=True)
         self.path = output_dir / DB_NAME
         self.timeout = timeout
-        self.db = sqlite3.connect(self.path, timeout=timeout, isolation_level=None)
+        try:
+            self.db = sqlite3.connect(self.path, timeout=timeout, isolation_level=None)
+            self.db.execute("PRAGMA user_version").fetchone()
+        except sqlite3.OperationalError as exc:
+            raise EvalprovError(
+                f"execution.output_dir: cannot open the ledger {str(self.path)[:120]}... "
+                f"({exc}; SQLite refuses paths over {SQLITE_MAX_PATH} characters, this one "
+                f"has {len(str(self.path))}); choose a shorter, writable execution.output_dir")
+
         self.db.row_factory = sqlite3.Row
         try:
             self.db.execute("PRAGMA journal_mode=WAL")

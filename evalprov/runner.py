@@ -19,6 +19,7 @@ import contextlib
 import importlib.resources
 import json
 import os
+import shlex
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -301,7 +302,7 @@ def run_playbook(
             playbook=str(PLAYBOOKS / playbook),
             inventory=sources,
             envvars=ansible_env(pdd, forks),
-            cmdline=" ".join([*flags, "-e", f"@{extra}"]),
+            cmdline=" ".join([*flags, "-e", shlex.quote(f"@{extra}")]),  # runner shlex-splits
             limit=limit,
             tags=tags,
             skip_tags=skip_tags,
