@@ -12,7 +12,7 @@ import yaml
 HOST_VARS = yaml.safe_load(
     (Path(__file__).resolve().parents[9] / "tests/molecule/host_vars.yml").read_text()
 )
-INSTANCES = HOST_VARS["evalprov_vllm_start"]
+INSTANCES = HOST_VARS["evalprov_molecule_instances"]
 
 
 def secrets() -> dict:
