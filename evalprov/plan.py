@@ -471,7 +471,7 @@ def plan(config: Config, hosts: list[HostFacts]) -> Plan:
         sample_data=config.execution.sample_data,
         image=dep.image if isinstance(dep, VllmDeployment) and config.execution.runtime
         == "docker" else None,
-        image_pull_policy=getattr(config.execution, "image_pull_policy", None),
+        image_pull_policy=config.execution.image_pull_policy,
         checkpoints=tuple(sorted({i.model.ref for i in instances_list(instances)
                                   if i.model.kind == "checkpoint"})),
         disk_paths=tuple(sorted({m.source for i in instances_list(instances)

@@ -365,6 +365,13 @@ class _ExecutionCommon(_EnvVarsMixin):
         Field(description="vLLM instances per host (consecutive ports, disjoint GPUs); auto "
               "fills the host."),
     ] = 1
+    image_pull_policy: Annotated[
+        Literal["missing", "always"] | None,
+        Field(description="docker runtime: missing pulls only when the host lacks the image; "
+              "always asks the registry for the tag's digest on every apply and pulls and "
+              "recreates when it moved (default: always for :latest or an untagged image, "
+              "missing otherwise)."),
+    ] = None
 
     @field_validator("instances_per_host", mode="before")
     @classmethod

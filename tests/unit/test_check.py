@@ -694,3 +694,14 @@ def test_load_inputs_refuses_anything_else(tmp_path):
     path.write_bytes(pickle.dumps({"not": "inputs"}))
     with pytest.raises(TypeError, match="not evalprov decide inputs"):
         load_inputs(str(path))
+
+
+def test_execution_image_pull_policy_reaches_the_plan_and_the_probe(gpu_plan):
+    from evalprov.inventory import common_vars
+
+    p = gpu_plan(deployment={"image": "vllm/vllm-openai:v0.11.0"},
+                 execution={"image_pull_policy": "always"})
+    assert p.image_pull_policy == "always" and pull_policy(p) == "always"
+    assert common_vars(p)["evalprov_preflight_remote_digest"] is True
+    pinned = gpu_plan(deployment={"image": "vllm/vllm-openai:v0.11.0"})
+    assert common_vars(pinned)["evalprov_preflight_remote_digest"] is False
