@@ -334,7 +334,8 @@ class Bench:
         with sampler:
             run.t_start = time.time()
             t0 = time.monotonic()
-            proc = subprocess.Popen(self.cpu.wrap(argv), env=env, cwd=str(ROOT),
+            proc = subprocess.Popen(self.cpu.wrap(argv), env=env,
+                                    cwd=env.get("PYTHONPATH") or str(ROOT),
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     stdin=subprocess.DEVNULL, start_new_session=True, text=True)
             self.current = proc

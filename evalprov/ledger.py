@@ -119,7 +119,6 @@ class Ledger:
         self.timeout = timeout
         try:
             self.db = sqlite3.connect(self.path, timeout=timeout, isolation_level=None)
-            self.db.execute("PRAGMA user_version").fetchone()
         except sqlite3.OperationalError as exc:
             raise EvalprovError(
                 f"execution.output_dir: cannot open the ledger {str(self.path)[:120]}... "

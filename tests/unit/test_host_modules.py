@@ -8,13 +8,18 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
+# Only ansible_collections/ goes on sys.path (through a directory of its own: the package
+# directory itself would shadow stdlib modules such as `secrets` for every later test).
 PKG = Path(__file__).resolve().parents[2] / "evalprov"
-sys.path.insert(0, str(PKG))  # the directory that holds ansible_collections/
+_ROOT = Path(tempfile.mkdtemp(prefix="evalprov-collections-"))
+(_ROOT / "ansible_collections").symlink_to(PKG / "ansible_collections")
+sys.path.append(str(_ROOT))
 
 host = importlib.import_module(
     "ansible_collections.evalprov.fleet.plugins.module_utils.evalprov_host")
