@@ -7,6 +7,7 @@ idempotence, runner stats — never grepped stdout."""
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -259,3 +260,35 @@ def test_destroy_removes_what_apply_made(fleet3, tmp_path):
     proc = cli("destroy", str(config), "-i", str(inv))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert all(containers(fleet, h.name) == {} for h in fleet.hosts)
+
+
+def test_template_and_shell_payloads_reach_vllm_as_written_and_run_nothing(fleet3, tmp_path):
+    """Values are data over SSH too: payloads of every kind in extra_args and a plain env
+    literal go through apply --check and apply; the container gets them verbatim, and no
+    marker appears on the controller or any host."""
+    fleet, inv = fleet3
+    mark = "/tmp/evalprov-hostile-mark"
+    payload = (f"{{{{ lookup('pipe', 'touch {mark}-jinja') }}}} "
+               f"{{% set x = lookup('pipe', 'touch {mark}-stmt') %}} "
+               f"$(touch {mark}-subst) `touch {mark}-tick` x; touch {mark}-chain")
+    header = f"#jinja2:variable_start_string:'[[' [[ lookup('pipe', 'touch {mark}-hdr') ]]"
+    config = write_config(
+        tmp_path, deployment__extra_args=(f"--max-model-len 4096 --chat-template "
+                                          f"{shlex.quote(payload)} --x-note {shlex.quote(header)}"),
+        deployment__env_vars={"PLAIN_NOTE": f"lit:{header}"})
+
+    def marks() -> list[str]:
+        found = [str(p) for p in Path("/tmp").glob("evalprov-hostile-mark*")]
+        for h in fleet.hosts:
+            out = fleet.exec(h.name, ["sh", "-c", f"ls {mark}* 2>/dev/null || true"])
+            found += _out(out).split()
+        return found
+
+    for check in (True, False):
+        _, _, _, code, text = run_apply(config, inv, check=check)
+        assert code == 0, text
+        assert marks() == [], text
+    argv = containers(fleet, "h3")["evalprov-vllm-0"]["argv"]
+    assert argv[argv.index("--chat-template") + 1] == payload
+    assert argv[argv.index("--x-note") + 1] == header
+    assert f"PLAIN_NOTE={header}" in containers(fleet, "h3")["evalprov-vllm-0"]["env"]
