@@ -68,6 +68,13 @@ def _out(proc) -> str:
     return proc.stdout.decode(errors="replace")
 
 
+def on_host(fleet, host: str, port: int, path: str) -> str:
+    """GET http://127.0.0.1:port/path from inside the host (the API is loopback-only)."""
+    code = ("import sys, urllib.request; sys.stdout.write(urllib.request.urlopen("
+            f"'http://127.0.0.1:{port}{path}', timeout=10).read().decode())")
+    return _out(fleet.exec(host, ["python3", "-c", code]))
+
+
 def containers(fleet, host: str) -> dict[str, dict]:
     out = _out(fleet.docker(host, "ps", "-a", "--filter", "label=evalprov.managed=true",
                             "--format", "{{.Names}}")).split()
@@ -130,11 +137,13 @@ def test_apply_serves_every_planned_instance_with_its_argv_gpus_and_labels(fleet
             assert c["labels"]["evalprov.spec_hash"] == inst.spec_hash
             assert c["network"] == "host" and c["ipc"] == "host"
             assert c["binds"] == ["/var/lib/evalprov/hf-cache:/root/.cache/huggingface:rw"]
-            seen = json.loads(http_request(fleet.url(hp.host, inst.port, "/evalprov/argv"))[2])
+            # the API answers on the host itself (loopback), not from the controller
+            seen = json.loads(on_host(fleet, hp.host, inst.port, "/evalprov/argv"))
             assert seen["argv"] == list(inst.argv)
             assert seen["env"]["NVIDIA_VISIBLE_DEVICES"] == ",".join(map(str, inst.gpus))
-            status, _, body = http_request(fleet.url(hp.host, inst.port, "/v1/models"))
-            assert status == 200 and SERVED in body.decode()
+            assert SERVED in on_host(fleet, hp.host, inst.port, "/v1/models")
+            with pytest.raises(OSError):
+                http_request(fleet.url(hp.host, inst.port, "/v1/models"))
     assert all(r.changed > 0 for r in result.hosts.values())
 
 
