@@ -334,8 +334,7 @@ class Bench:
         with sampler:
             run.t_start = time.time()
             t0 = time.monotonic()
-            proc = subprocess.Popen(self.cpu.wrap(argv), env=env,
-                                    cwd=env.get("PYTHONPATH") or str(ROOT),
+            proc = subprocess.Popen(self.cpu.wrap(argv), env=env, cwd=str(ROOT),
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     stdin=subprocess.DEVNULL, start_new_session=True, text=True)
             self.current = proc
@@ -701,7 +700,7 @@ def bench_size(b: Bench, n: int, out) -> dict[str, Any]:
 
     counter = iter(range(1, 1000))
 
-    def evalprov(label: str, check: bool = False, src: str | None = None) -> Run:
+    def evalprov(label: str, check: bool = False) -> Run:
         out_dir = d / "out" / f"{next(counter):02d}-{label.split()[0]}"
         argv = [sys.executable, "-m", "evalprov.cli", "apply", str(config), "-i", str(inv),
                 "-o", f"execution.output_dir={out_dir}"]
@@ -709,9 +708,7 @@ def bench_size(b: Bench, n: int, out) -> dict[str, Any]:
             argv += ["--forks", str(n)]
         if check:
             argv.append("--check")
-        # --before: the same CLI from an earlier source tree (its own playbooks and roles)
-        run_env = {**ev_env, "PYTHONPATH": src} if src else ev_env
-        return b.measure(label, argv, run_env, out_dir)
+        return b.measure(label, argv, ev_env, out_dir)
 
     idle = b.idle_host_cpu(1.0)
     results: dict[str, Any] = {"hosts": n, "instances_per_host": per_host[hosts[0]],
@@ -734,10 +731,8 @@ def bench_size(b: Bench, n: int, out) -> dict[str, Any]:
 
     # (b) no-op and (c) --check: interleaved, median of --repeat
     for case, check in (("noop", False), ("check", True)):
-        ev, bs, before = [], [], []
+        ev, bs = [], []
         what = "" if args.skip_baseline else f" + {args.repeat} x baseline, interleaved"
-        if args.before:
-            what += f" + {args.repeat} x the --before tree"
         print(f"  ({'b' if case == 'noop' else 'c'}) {case}: {args.repeat} x evalprov{what} ...",
               file=out, flush=True)
         for i in range(args.repeat):
@@ -748,13 +743,7 @@ def bench_size(b: Bench, n: int, out) -> dict[str, Any]:
             ev.append(r)
             if not args.skip_baseline:
                 bs.append(baseline(f"baseline {case} {i + 1}", check))
-            if args.before:
-                r = evalprov(f"{case} before {i + 1}", check, args.before)
-                expect(r, hosts, "none", evalprov_changed)
-                before.append(r)
         results["cases"][case] = {"evalprov": ev, "baseline": bs}
-        if args.before:
-            results["cases"][case]["before"] = before
 
     results["breakdown_noop"] = breakdown(median_run(results["cases"]["noop"]["evalprov"]), n)
     results["breakdown_check"] = breakdown(median_run(results["cases"]["check"]["evalprov"]), n)
@@ -834,30 +823,6 @@ def print_table(all_results: list[dict[str, Any]], args, out) -> None:
                 parts.append(f"{who} {f[0]:.2f} CPU-s per run + {f[1]:.2f} per host")
         if parts:
             print(f"fit {name}: " + "; ".join(parts), file=out)
-    if any("before" in r["cases"]["noop"] for r in all_results):
-        print(f"\nbefore (--before {args.before}) vs now, same fleet, interleaved runs:",
-              file=out)
-        print(f"{'hosts':>5} {'case':<16} {'wall before':>11} {'wall now':>9} {'ratio':>6}  "
-              f"{'CPU-s/host before':>17} {'now':>6} {'ratio':>6}  {'now/base wall':>13} "
-              f"{'now/base CPU':>12}", file=out)
-        for res in all_results:
-            n = res["hosts"]
-            for key, name in CASES[1:]:
-                was = summarize(res["cases"][key]["before"], n)
-                now = summarize(res["cases"][key]["evalprov"], n)
-                bs = summarize(res["cases"][key]["baseline"], n)
-                print(f"{n:>5} {name:<16} {was['wall']:11.2f} {now['wall']:9.2f} "
-                      f"{now['wall'] / was['wall']:6.2f}  {was['cpu_host']:17.2f} "
-                      f"{now['cpu_host']:6.2f} {now['cpu_host'] / was['cpu_host']:6.2f}  "
-                      f"{now['wall'] / bs['wall']:13.2f} {now['cpu_host'] / bs['cpu_host']:12.2f}",
-                      file=out)
-        for key, name in CASES[1:]:
-            for who in ("before", "evalprov"):
-                f = fit([(r["hosts"], summarize(r["cases"][key][who], r["hosts"])["cpu"])
-                         for r in all_results])
-                if f:
-                    print(f"fit {name} {'before' if who == 'before' else 'now'}: {f[0]:.2f} "
-                          f"CPU-s per run + {f[1]:.2f} per host", file=out)
     print(f"other% e/b = share of the machine's {NCPU} cores busy outside the controller and "
           "fleet groups during the evalprov / baseline runs (other test suites): above ~30% it "
           "inflates wall time a lot and CPU time too (shared caches); compare rows with low "
@@ -893,11 +858,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="instances_per_host (default auto: evalprov gathers GPU facts first)")
     p.add_argument("--evalprov-forks", choices=("hosts", "default"), default="hosts")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra environment for the evalprov runs (e.g. EVALPROV_PLAYBOOKS_DIR "
-                        "and EVALPROV_ROLES_DIR to measure a variant of the roles)")
-    p.add_argument("--before", metavar="DIR",
-                   help="also measure (b) and (c) with evalprov from this source tree (e.g. a "
-                        "`git worktree` of an earlier commit), interleaved: before/after")
+                   help="extra environment for the evalprov runs (e.g. ANSIBLE_* settings to "
+                        "measure a variant)")
     p.add_argument("--skip-baseline", action="store_true",
                    help="evalprov runs only (to compare variants of evalprov)")
     p.add_argument("--timeout", type=float, default=300, help="seconds per measured run")

@@ -7,6 +7,7 @@ from typing import Any
 
 import yaml
 
+from evalprov.check import pull_policy
 from evalprov.plan import Instance, Plan, TaskRun
 
 
@@ -53,8 +54,6 @@ def task_vars(run: TaskRun) -> dict[str, Any]:
 def common_vars(plan: Plan) -> dict[str, Any]:
     """What every host's roles get from the plan before any fact is known (the same on every
     host): what the probe looks at and how the roles run."""
-    from evalprov.check import pull_policy
-
     process = plan.runtime == "process"
     state_dir = f"{plan.work_dir}/vllm"
     out: dict[str, Any] = {

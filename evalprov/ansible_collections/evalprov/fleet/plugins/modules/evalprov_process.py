@@ -67,15 +67,8 @@ from ansible_collections.evalprov.fleet.plugins.module_utils.evalprov_host impor
     is_ours,
     pid_alive,
     proc_stat,
+    read_state,
 )
-
-
-def read_state(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return {}
 
 
 def start_time(pid):
@@ -187,7 +180,7 @@ def main():
     state_path = os.path.join(p["state_dir"], f"{name}.json")
     log_path = os.path.join(p["state_dir"], f"{name}.log")
     unit = f"evalprov-{name}.service"
-    state = read_state(state_path)
+    state = read_state(p["state_dir"], name)
     running = is_ours(state)
     if p["state"] == "started" and running and state.get("spec_hash") == p["spec_hash"]:
         module.exit_json(changed=False, pid=state["pid"], log=log_path)
