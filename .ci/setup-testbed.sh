@@ -18,6 +18,8 @@ PKGS=(
   iptables           # dockerd inside each fake host
   util-linux         # nsenter, unshare
   procps             # ps/pgrep for diagnostics
+  slurm-wlm          # the Slurm test cluster: slurmctld on the controller, slurmd per host
+  munge              # Slurm's authentication (munged on a private socket)
 )
 
 missing=()

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from evalprov import slurm
 from evalprov.config.envvars import resolve_env
 from evalprov.config.loader import LoadedConfig
 from evalprov.config.models import SlurmExecution, VllmDeployment
@@ -21,14 +22,15 @@ from evalprov.decide import (
     Decision,
     Inputs,
     attempt_id,
+    decide_slurm,
     dump_inputs,
     parse_facts,
     plan_hosts,
     safe_decide,
 )
-from evalprov.errors import ConfigError
+from evalprov.errors import ConfigError, PlanError
 from evalprov.harness import SAMPLES_DIR
-from evalprov.inventory import common_vars, task_vars
+from evalprov.inventory import common_vars, inventory_file, task_vars
 from evalprov.ledger import Ledger, locked
 from evalprov.plan import HostFacts, Plan, plan
 from evalprov.results import collect, write_atomic, write_summary
@@ -54,12 +56,12 @@ def new_run_id() -> str:
 
 
 def check_supported(loaded: LoadedConfig) -> None:
-    config = loaded.config
-    if isinstance(config.execution, SlurmExecution):
-        raise ConfigError(
-            "execution.type: 'slurm' can be validated and planned, but apply does not run on "
-            "Slurm yet; use execution baremetal (-i INVENTORY) or local"
-        )
+    exe = loaded.config.execution
+    if isinstance(exe, SlurmExecution):
+        try:
+            slurm.check_supported(exe)
+        except PlanError as exc:
+            raise ConfigError(*exc.lines) from exc
 
 
 def deployment_env(loaded: LoadedConfig) -> dict[str, str]:
@@ -103,8 +105,24 @@ def local_inventory(run_dir: Path) -> str:
     return str(path)
 
 
+def slurm_inventory(loaded: LoadedConfig, run_dir: Path) -> str:
+    """The login node (execution.hostname, as execution.username); an inventory given with
+    -i may say how to reach it (ansible_host, port, key)."""
+    exe = loaded.config.execution
+    assert isinstance(exe, SlurmExecution)
+    path = run_dir / "ansible" / "inventory" / "00-slurm.yml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    host = {"ansible_user": exe.username} if exe.username else {}
+    path.write_text(inventory_file({"all": {"hosts": {exe.hostname: host}}}))
+    return str(path)
+
+
 def output_root(loaded: LoadedConfig) -> Path:
-    return Path(loaded.config.execution.output_dir).expanduser().resolve()
+    """The controller's directory of results and the ledger (on Slurm, output_dir is the
+    cluster's: the controller's is execution.local_output_dir)."""
+    exe = loaded.config.execution
+    where = exe.local_output_dir if isinstance(exe, SlurmExecution) else exe.output_dir
+    return Path(where).expanduser().resolve()
 
 
 def cached_gpu_counts(out: Path) -> dict[str, int]:
@@ -182,7 +200,11 @@ def prepare(loaded: LoadedConfig, hosts: list[HostFacts], opts: Options, playboo
     run_id = new_run_id()
     run_dir = out / run_id
     run_dir.mkdir(parents=True, exist_ok=True)
-    inventories = [opts.inventory] if opts.inventory else [local_inventory(run_dir)]
+    if isinstance(loaded.config.execution, SlurmExecution):
+        inventories = [*([opts.inventory] if opts.inventory else []),
+                       slurm_inventory(loaded, run_dir)]
+    else:
+        inventories = [opts.inventory] if opts.inventory else [local_inventory(run_dir)]
     inventories = [str(Path(i).resolve()) for i in inventories]
     inputs = Inputs(
         config=loaded.config, hosts=tuple(hosts), run_id=run_id, owner=owner_id(out),
@@ -190,29 +212,74 @@ def prepare(loaded: LoadedConfig, hosts: list[HostFacts], opts: Options, playboo
         evaluate=playbook == "site.yml" and "eval" not in (opts.skip_tags or ""),
         destroy=playbook == "destroy.yml", samples_src=str(SAMPLES_DIR),
         cached_gpus=cached_gpu_counts(out))
-    provisional = plan(loaded.config, plan_hosts(inputs, {}))
+    if isinstance(loaded.config.execution, SlurmExecution):
+        try:
+            provisional = decide_slurm(inputs, {}).plan
+        except PlanError as exc:
+            raise ConfigError(*exc.lines) from exc
+    else:
+        provisional = plan(loaded.config, plan_hosts(inputs, {}))
     return inputs, provisional, run_dir, inventories
+
+
+def slurm_vars(d: Decision, host: str) -> dict[str, Any]:
+    """What the login node's probe needs before the decision: the job as it would be
+    submitted (sbatch --test-only tries it), the paths to look at, the deployment's job name."""
+    hv = d.host_vars[host]
+    return {k: hv[k] for k in ("evalprov_slurm_sbatch_argv", "evalprov_slurm_script",
+                               "evalprov_slurm_paths", "evalprov_slurm_job_name")}
+
+
+def poll_budget(exe: SlurmExecution, delay: int) -> int:
+    """Looks at the job before evalprov stops following it: the whole chain's walltime
+    (auto-resume included) and ten minutes of queueing."""
+    chain = slurm.walltime_seconds(exe.walltime) * (1 + slurm.resumes(exe))
+    return (chain + 600) // delay + 1
 
 
 def _run_locked(loaded, hosts, opts, playbook, secret, per_task, out, ledger):
     inputs, provisional, run_dir, inventories = prepare(loaded, hosts, opts, playbook, out,
                                                         ledger)
     run_id = inputs.run_id
-    if opts.forks is None:  # every host at once (Ansible's default of 5 runs waves)
-        opts = dataclasses.replace(opts, forks=max(5, min(len(provisional.hosts), 50)))
-    record = not opts.check and playbook == "site.yml"
+    exe = loaded.config.execution
+    on_slurm = isinstance(exe, SlurmExecution)
+    if on_slurm and inputs.destroy:
+        return destroy_slurm(loaded, inputs, provisional, run_dir, inventories, opts, ledger)
+    if on_slurm:
+        pre = decide_slurm(inputs, {})
+        playbook = "slurm.yml"
+        opts = dataclasses.replace(opts, limit=exe.hostname, forks=1)
+        plan_vars = {"all": {"vars": slurm_vars(pre, exe.hostname)}}
+        extravars = {"evalprov_slurm_fetch_dir": str(run_dir / "fetch"),
+                     "evalprov_slurm_poll_delay": SLURM_POLL_DELAY,
+                     "evalprov_slurm_poll_retries": poll_budget(exe, SLURM_POLL_DELAY)}
+        if opts.check:
+            print(f"evalprov apply --check: the job script evalprov would submit on "
+                  f"{exe.hostname} (sbatch --test-only tries it; nothing is submitted):",
+                  file=sys.stderr)
+            for line in pre.host_vars[exe.hostname]["evalprov_slurm_script"].splitlines():
+                print(f"  | {line}", file=sys.stderr)
+    else:
+        if opts.forks is None:  # every host at once (Ansible's default of 5 runs waves)
+            opts = dataclasses.replace(opts, forks=max(5, min(len(provisional.hosts), 50)))
+        plan_vars = {"all": {"vars": common_vars(provisional)}}
+        extravars = {"evalprov_health_log_dir": str(run_dir / "logs"),
+                     "evalprov_eval_fetch_dir": str(run_dir / "fetch"),
+                     "evalprov_eval_samples_src": str(SAMPLES_DIR),
+                     "evalprov_eval_owner": inputs.owner}
+    record = not opts.check and playbook in ("site.yml", "slurm.yml")
     verb = "destroy" if inputs.destroy else "apply"
     print(f"evalprov {verb}{' --check' if opts.check else ''}: {len(provisional.hosts)} "
-          f"host(s); probing, then deciding", file=sys.stderr)
+          f"{'cluster' if on_slurm else 'host(s)'}; probing, then deciding", file=sys.stderr)
     decided: dict[str, Decision] = {}
 
     def on_decision(res: dict[str, Any]) -> None:
         """The decision is made (in ansible-playbook): make the same one here, from the same
         inputs and facts, and put its attempts in the ledger before any task starts."""
-        facts = parse_facts({h: (progress.facts[h], bool(local))
-                             for h, local in (res.get("local") or {}).items()
-                             if h in progress.facts})
-        d, _ = safe_decide(inputs, facts)
+        facts = {} if on_slurm else parse_facts(
+            {h: (progress.facts[h], bool(local)) for h, local in (res.get("local") or {}).items()
+             if h in progress.facts})
+        d, _ = safe_decide(inputs, facts, progress.facts)
         if d is None:
             return
         decided["d"] = d
@@ -220,6 +287,10 @@ def _run_locked(loaded, hosts, opts, playbook, secret, per_task, out, ledger):
             gone = sum(len(v.get("evalprov_vllm_remove") or ()) for v in d.host_vars.values())
             print(f"evalprov destroy: {gone} instance(s) to remove on {len(d.host_vars)} "
                   "host(s)", file=sys.stderr)
+        elif on_slurm:
+            print(f"evalprov {verb}: {exe.hostname}: "
+                  f"{'one job' if d.to_run else 'no job'}, {len(d.to_run)} task(s) to run"
+                  f"{f', {len(d.reused)} done before' if d.reused else ''}", file=sys.stderr)
         else:
             print(f"evalprov {verb}: {len(d.plan.hosts)} host(s), {len(d.plan.instances)} "
                   f"instance(s), {len(d.to_run)} task(s) to run"
@@ -233,16 +304,13 @@ def _run_locked(loaded, hosts, opts, playbook, secret, per_task, out, ledger):
 
     progress = Progress(check=opts.check, diff=opts.diff, on_decision=on_decision,
                         on_task_start=lambda host, action: ledger.mark_running(run_id, host)
-                        if record and "d" in decided and action.endswith("evalprov_run_tasks")
+                        if record and "d" in decided and action.endswith(
+                            ("evalprov_run_tasks", "evalprov_slurm"))
                         else None)
     with Interrupt() as interrupt:
         try:
             result = run_playbook(
-                playbook, run_dir, inventories, {"all": {"vars": common_vars(provisional)}},
-                {"evalprov_health_log_dir": str(run_dir / "logs"),
-                 "evalprov_eval_fetch_dir": str(run_dir / "fetch"),
-                 "evalprov_eval_samples_src": str(SAMPLES_DIR),
-                 "evalprov_eval_owner": inputs.owner},
+                playbook, run_dir, inventories, plan_vars, extravars,
                 check=opts.check, diff=opts.diff, limit=opts.limit, tags=opts.tags,
                 skip_tags=opts.skip_tags, forks=opts.forks,
                 secrets={"deployment_env": secret, "task_env": per_task} if secret or per_task
@@ -255,7 +323,10 @@ def _run_locked(loaded, hosts, opts, playbook, secret, per_task, out, ledger):
         result.interrupted = interrupt.hit
     d = decided.get("d")
     if result.interrupted and d is not None and not opts.check and d.plan.task_runs:
-        stop_tasks(d, inputs, run_dir, inventories, opts)
+        if on_slurm:
+            stop_slurm(d, inputs, run_dir, inventories, opts, exe)
+        else:
+            stop_tasks(d, inputs, run_dir, inventories, opts)
     if result.facts:
         write_atomic(run_dir / "facts.json", json.dumps(result.facts, indent=2, sort_keys=True))
     if d is None:  # nothing was decided: no host reached, or a problem stopped the run
@@ -265,8 +336,45 @@ def _run_locked(loaded, hosts, opts, playbook, secret, per_task, out, ledger):
             if host not in result.failed_hosts:
                 ledger.mark_gone(host, list(v.get("evalprov_vllm_remove") or ()))
     if record:
-        record_run(loaded, d, result, run_dir, run_id, ledger)
+        record_run(loaded, d, result, run_dir, run_id, ledger,
+                   job=progress.slurm if on_slurm else None)
     return d.plan, result, run_dir
+
+
+SLURM_POLL_DELAY = 3
+
+
+def stop_slurm(d: Decision, inputs: Inputs, run_dir: Path, inventories: list[str],
+               opts: Options, exe: SlurmExecution) -> None:
+    """After an interrupt: cancel the run's job chain (its driver stops vLLM and the
+    harness) and fetch the results of the tasks that had finished."""
+    print(f"interrupted: cancelling this run's Slurm job on {exe.hostname} and fetching the "
+          "results that had finished", file=sys.stderr)
+    try:
+        run_playbook("slurm_stop.yml", run_dir, inventories, {}, {
+            "evalprov_stop_job_dir": slurm.job_dir(exe, inputs.run_id),
+            "evalprov_stop_job_name": slurm.job_name(exe, inputs.owner),
+            "evalprov_stop_fetch_dir": str(run_dir / "fetch")}, limit=exe.hostname, forks=1)
+    except KeyboardInterrupt:
+        print("interrupted again: not waiting for the job to end", file=sys.stderr)
+
+
+def destroy_slurm(loaded: LoadedConfig, inputs: Inputs, provisional: Plan, run_dir: Path,
+                  inventories: list[str], opts: Options, ledger: Ledger
+                  ) -> tuple[Plan, RunResult, Path]:
+    """destroy on Slurm: scancel every job of this deployment (each stops what it started)."""
+    exe = loaded.config.execution
+    assert isinstance(exe, SlurmExecution)
+    name = slurm.job_name(exe, inputs.owner)
+    print(f"evalprov destroy{' --check' if opts.check else ''}: cancelling the jobs named "
+          f"{name} on {exe.hostname}", file=sys.stderr)
+    result = run_playbook("slurm_stop.yml", run_dir, inventories, {}, {
+        "evalprov_stop_job_dir": "", "evalprov_stop_job_name": name,
+        "evalprov_stop_fetch_dir": str(run_dir / "fetch")},
+        check=opts.check, limit=exe.hostname, forks=1)
+    if not opts.check and exe.hostname not in result.failed_hosts:
+        ledger.mark_gone(exe.hostname, [i.name for i in provisional.instances])
+    return provisional, result, run_dir
 
 
 def stop_tasks(d: Decision, inputs: Inputs, run_dir: Path, inventories: list[str],
@@ -288,11 +396,15 @@ def stop_tasks(d: Decision, inputs: Inputs, run_dir: Path, inventories: list[str
 
 
 def record_run(loaded: LoadedConfig, d: Decision, result: RunResult, run_dir: Path,
-               run_id: str, ledger: Ledger) -> None:
-    """What really happened, into the ledger and summary.json."""
+               run_id: str, ledger: Ledger, job: dict[str, Any] | None = None) -> None:
+    """What really happened, into the ledger and summary.json (job: the last look at a
+    Slurm job, whose server ends with it)."""
     failed_hosts = set(result.failed_hosts)
     for inst in d.plan.instances:
-        if inst.host in d.checked.hosts:
+        if job is not None and d.to_run:
+            ledger.record_deployment(run_id, inst.host, inst.name, inst.spec_hash, inst.port,
+                                     "stopped (the Slurm job ended)")
+        elif inst.host in d.checked.hosts:
             ledger.record_deployment(run_id, inst.host, inst.name, inst.spec_hash, inst.port,
                                      "failed" if inst.host in failed_hosts else "serving")
     if d.plan.task_runs or d.reused:
@@ -300,6 +412,8 @@ def record_run(loaded: LoadedConfig, d: Decision, result: RunResult, run_dir: Pa
                  for h in d.plan.hosts if h.tasks}
         unreachable = {h for h, r in result.hosts.items() if r.unreachable}
         ran = collect(run_dir, tasks, unreachable)
+        if job is not None:
+            slurm.explain_missing(ran, job)
         for rec in ran:
             ledger.finish_task(run_id, rec)
         result.tasks = ran + d.reused

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from evalprov.check import Checked, HostActions, HostFacts, check, pull_policy
-from evalprov.config.models import Config
+from evalprov.config.models import Config, SlurmExecution
 from evalprov.errors import PlanError
 from evalprov.harness import HARNESS_ENV
 from evalprov.inventory import instance_vars, task_vars
@@ -128,12 +128,14 @@ def adapter_host(index: int) -> str:
     return f"127.0.{1 + index // 250}.{1 + index % 250}"
 
 
-def task_action(p: Plan, t: TaskRun, index: int, inputs: Inputs, f: HostFacts) -> dict[str, Any]:
+def task_action(p: Plan, t: TaskRun, index: int, inputs: Inputs, f: HostFacts | None,
+                run_dir: str | None = None, samples_dir: str | None = None) -> dict[str, Any]:
     """Everything the eval module needs to run one task: its directory on the host, the
     container's name and labels, the adapter address, the output dir inside the run config,
-    the environment (non-secret; secrets arrive by name), and the command."""
+    the environment (non-secret; secrets arrive by name), and the command. A Slurm job
+    gives its own run and samples directories (on the cluster's shared filesystem)."""
     name = slug(t.name)
-    host_dir = f"{p.work_dir}/runs/{inputs.run_id}/{name}"
+    host_dir = f"{run_dir or f'{p.work_dir}/runs/{inputs.run_id}'}/{name}"
     docker = p.runtime == "docker"
     run_config = dict(t.run_config)
     run_config["config"] = {**(run_config.get("config") or {}),
@@ -142,7 +144,8 @@ def task_action(p: Plan, t: TaskRun, index: int, inputs: Inputs, f: HostFacts) -
     env = {**dict(t.env), **HARNESS_ENV, "ADAPTER_HOST": adapter_host(index)}
     samples = ""
     if p.sample_data:
-        samples = inputs.samples_src if f.local else f"{p.work_dir}/samples"
+        samples = samples_dir or (inputs.samples_src if f is not None and f.local
+                                  else f"{p.work_dir}/samples")
     if docker:
         argv = ["nemo-evaluator", "run_eval", "--run_config",
                 f"{CONTAINER_WORK}/run_config.yml"]
@@ -209,10 +212,50 @@ def decide(inputs: Inputs, facts: dict[str, HostFacts]) -> Decision:
     return Decision(the_plan, checked, to_run, reused, host_vars)
 
 
-def safe_decide(inputs: Inputs, facts: dict[str, HostFacts]) -> tuple[Decision | None, list[str]]:
-    """decide, with a plan that cannot be made turned into problems."""
+def decide_slurm(inputs: Inputs, raw: dict[str, dict[str, Any]]) -> Decision:
+    """Slurm: the plan's one host is the cluster (reached through its login node); the
+    action is one job that serves once and runs every task still to run. ``raw``: the login
+    node's probe (empty before the run: the job the probe tests)."""
+    from evalprov import slurm
+
+    exe = inputs.config.execution
+    assert isinstance(exe, SlurmExecution)
+    slurm.check_supported(exe)
+    the_plan = plan(inputs.config, [])
+    host = the_plan.hosts[0].host
+    directory = slurm.job_dir(exe, inputs.run_id)
+    if inputs.destroy or not inputs.evaluate:
+        the_plan = dataclasses.replace(the_plan, hosts=tuple(
+            dataclasses.replace(h, tasks=()) for h in the_plan.hosts))
+        to_run, reused = [], []
+    else:
+        the_plan, to_run, reused = select_tasks(the_plan, inputs.previous, inputs.rerun)
+    tasks = [task_action(the_plan, t, k, inputs, None, run_dir=f"{directory}/tasks",
+                         samples_dir=f"{directory}/samples")
+             for k, t in enumerate(the_plan.hosts[0].tasks)]
+    job = slurm.make_job(the_plan, exe, inputs, tasks)
+    paths = slurm.paths_to_check(the_plan, exe)
+    problems = []
+    if host in raw and not inputs.destroy:
+        problems = slurm.check_facts(host, exe, job, raw[host], paths)
+    state = "pending" if tasks or inputs.destroy else "converged"
+    host_vars = {host: {**slurm.job_vars(job, state, inputs.samples_src,
+                                         the_plan.sample_data and bool(tasks)),
+                        "evalprov_slurm_job_name": job.name,
+                        "evalprov_slurm_paths": paths}}
+    return Decision(the_plan, slurm.empty_checked(problems), to_run, reused, host_vars)
+
+
+def safe_decide(inputs: Inputs, facts: dict[str, HostFacts],
+                raw: dict[str, dict[str, Any]] | None = None
+                ) -> tuple[Decision | None, list[str]]:
+    """decide, with a plan that cannot be made turned into problems (raw: the probe's own
+    results, what a Slurm decision reads)."""
     try:
-        d = decide(inputs, facts)
+        if isinstance(inputs.config.execution, SlurmExecution):
+            d = decide_slurm(inputs, raw or {})
+        else:
+            d = decide(inputs, facts)
     except PlanError as exc:
         return None, list(exc.lines)
     return d, list(d.problems)
@@ -245,7 +288,10 @@ def parse_facts(probed: dict[str, tuple[dict[str, Any], bool]]) -> dict[str, Hos
 def decide_in_ansible(path: str, probed: dict[str, tuple[dict[str, Any], bool]]
                       ) -> dict[str, Any]:
     """What evalprov_decide returns: each host's variables, or failed with every problem."""
-    d, problems = safe_decide(load_inputs(path), parse_facts(probed))
+    inputs = load_inputs(path)
+    slurm = isinstance(inputs.config.execution, SlurmExecution)
+    d, problems = safe_decide(inputs, {} if slurm else parse_facts(probed),
+                              {h: res for h, (res, _) in probed.items()})
     out: dict[str, Any] = {"evalprov_decision": True, "hosts": d.host_vars if d else {},
                            "problems": problems,
                            "local": {h: local for h, (_, local) in probed.items()}}

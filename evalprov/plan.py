@@ -286,8 +286,8 @@ def plan_instances(config: Config, host: HostFacts) -> tuple[Instance, ...]:
                 "or execution.instances_per_host"
             )
         gpus = tuple(range(i * need, (i + 1) * need))
-        argv = vllm_argv(dep, model, port,
-                         None if isinstance(config.execution, SlurmExecution) else LOOPBACK)
+        # the harness runs beside the server (on its host, or in the same Slurm job)
+        argv = vllm_argv(dep, model, port, LOOPBACK)
         name = container_name(i)
         env = (process_env(config, gpus) if runtime == "process" else ()) + literals
         digest = spec_hash(
@@ -399,7 +399,10 @@ def assign_tasks(config: Config, hosts: list[HostFacts],
 
 
 def slurm_hosts(execution: SlurmExecution) -> list[HostFacts]:
-    """A Slurm run plans against its allocation: one node per instance, gres GPUs each."""
+    """A Slurm run plans against its allocation: one node per instance, gres GPUs each;
+    a single instance is the cluster itself, named by its login node."""
+    if execution.num_instances == 1:
+        return [HostFacts(execution.hostname, execution.gpus_per_node)]
     return [
         HostFacts(f"{execution.hostname}/instance-{i}", execution.gpus_per_node)
         for i in range(execution.num_instances)

@@ -151,6 +151,8 @@ class Progress:
         self.diff = diff
         self.hosts: dict[str, HostResult] = {}
         self.facts: dict[str, Any] = {}
+        self.slurm: dict[str, Any] | None = None  # the last look at a Slurm job
+        self._slurm_line = ""
         self.start = time.monotonic()
 
     def _host(self, name: str) -> HostResult:
@@ -162,6 +164,11 @@ class Progress:
         host = data.get("host")
         if kind == "runner_on_start" and host and self.on_task_start:
             self.on_task_start(host, _action(data))
+        if kind in ("runner_retry", "runner_on_ok") and (data.get("res") or {}).get(
+                "evalprov_slurm_state"):
+            self._slurm_progress(host, data["res"])
+            if kind == "runner_retry":
+                return True
         if not host or kind not in ("runner_on_ok", "runner_on_failed", "runner_on_unreachable",
                                     "runner_on_skipped"):
             return True
@@ -228,6 +235,24 @@ class Progress:
             for d in _diffs(res):
                 print(f"{'':>8}{host:<20} diff: {d}", file=self.out, flush=True)
         return True
+
+
+    def _slurm_progress(self, host: str, res: dict[str, Any]) -> None:
+        """One line each time the job's state, phase or a task's state changes."""
+        self.slurm = res
+        jobs = ", ".join(f"job {j.get('id')} {j.get('state')}" for j in res.get("jobs") or [])
+        tasks = res.get("tasks") or {}
+        done = sum(s in ("succeeded", "failed") for s in tasks.values())
+        where = f" on {res['node']}" if res.get("node") else ""
+        line = (f"{jobs or 'no job'}; {res.get('phase')}{where}; tasks {done}/{len(tasks)} "
+                "done" + "".join(f", {n} {s}" for n, s in sorted(tasks.items())
+                                 if s != "pending"))
+        if line != self._slurm_line:
+            self._slurm_line = line
+            t = f"{time.monotonic() - self.start:6.1f}s"
+            print(f"{t} {host:<20} {'slurm':<12} {line}", file=self.out, flush=True)
+            if res.get("message") and res.get("phase") in ("failed", "stopping"):
+                print(f"{'':>8}{host:<20} {'':<12} {res['message']}", file=self.out, flush=True)
 
 
 def _action(data: dict[str, Any]) -> str:

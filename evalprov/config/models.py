@@ -440,7 +440,7 @@ class _ExecutionCommon(_EnvVarsMixin):
     def _abs(cls, value: str) -> str:
         return host_path(value, mount=False)
 
-    @field_validator("output_dir")
+    @field_validator("output_dir", "local_output_dir", check_fields=False)
     @classmethod
     def _output(cls, value: str) -> str:
         bad = _control(value)
@@ -497,6 +497,11 @@ class SlurmExecution(_ExecutionCommon):
         default_factory=SlurmMounts
     )
     proxy: Annotated[dict[str, Any] | None, Field(description="Proxy before instances.")] = None
+    local_output_dir: Annotated[
+        str,
+        Field(description="evalprov: where results, logs and the ledger land on the "
+              "controller (output_dir is the cluster's, as in NEL)."),
+    ] = "evalprov-results"
 
     @field_validator("walltime", "max_walltime", mode="before")
     @classmethod

@@ -195,7 +195,14 @@ class Fleet:
         bridge: str | None = None,
         start_timeout: float = 60.0,
         net: int | None = None,
+        binds: tuple[tuple[str, str], ...] = (),
+        init_extra: tuple[str, ...] = (),
     ):
+        # binds: (controller dir, host path) bind-mounted into every host (e.g. /etc/slurm);
+        # init_extra: shell lines each host's init runs (in the background) before sshd,
+        # with $B its testbed dir and $H its hostname: they die with the host
+        self.binds = tuple(binds)
+        self.init_extra = tuple(init_extra)
         self.net = check_net(default_net() if net is None else net)
         self.subnet = f"{subnet_prefix(self.net)}.0/24"
         self.controller_ip = controller_ip(self.net)
@@ -697,6 +704,8 @@ class Fleet:
         ]
         for d in self.private_dirs:
             lines.append(f"mkdir -p {q(d)} && mount -t tmpfs -o mode=0755 tmpfs {q(d)}")
+        for src, dst in self.binds:
+            lines.append(f"mkdir -p {q(dst)} && mount --bind {q(src)} {q(dst)}")
         if h.docker:
             lines += [
                 "mkdir -p /var/lib/docker /etc/docker",
@@ -713,6 +722,8 @@ class Fleet:
         lines += [
             "mount --bind $B/tmp /tmp",
             "cd /",
+            f"H={q(h.hostname)}",
+            *self.init_extra,
             "exec /usr/sbin/sshd -D -e -f $B/sshd_config >>$B/sshd.log 2>&1 </dev/null",
         ]
         return "\n".join(lines)

@@ -14,6 +14,8 @@ Behaviour switches (environment):
   STANDIN_NEVER_HEALTHY=1      /health always 503
   STANDIN_EXIT_AFTER=SECONDS   print an error and exit with code 3 after SECONDS
   STANDIN_FAIL_REQUESTS=1      completions / chat completions answer HTTP 500
+  STANDIN_SLOW_AFTER=N         after N answered requests, each one waits 30 s first (a
+                               task that outlives a job's time limit)
 """
 
 from __future__ import annotations
@@ -72,6 +74,8 @@ class State:
         self.start_delay = float(os.environ.get("STANDIN_START_DELAY", "0") or 0)
         self.never_healthy = os.environ.get("STANDIN_NEVER_HEALTHY", "") not in ("", "0")
         self.fail_requests = os.environ.get("STANDIN_FAIL_REQUESTS", "") not in ("", "0")
+        slow = os.environ.get("STANDIN_SLOW_AFTER", "")
+        self.slow_after = int(slow) if slow.isdigit() else None
         self.lock = threading.Lock()
         self.counter = 0
         self.requests = 0
@@ -271,6 +275,8 @@ class Handler(BaseHTTPRequestHandler):
         if not st.healthy():
             self.send_error_json(503, "model is loading", "ServiceUnavailableError")
             return
+        if st.slow_after is not None and st.requests >= st.slow_after:
+            time.sleep(30)
         if st.fail_requests:
             log("ERROR:    STANDIN_FAIL_REQUESTS is set: failing the request")
             self.send_error_json(500, "simulated engine failure", "InternalServerError")

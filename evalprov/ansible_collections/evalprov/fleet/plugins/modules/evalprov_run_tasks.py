@@ -53,103 +53,15 @@ options:
 author: evalprov
 """
 
-import json
 import os
-import shutil
-import subprocess
-import tarfile
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible_collections.evalprov.fleet.plugins.module_utils.evalprov_host import (
-    stop_group,
-    write_pid,
+from ansible_collections.evalprov.fleet.plugins.module_utils.evalprov_host import write_pid
+from ansible_collections.evalprov.fleet.plugins.module_utils.evalprov_tasks import (
+    remove_stale_containers,
+    run_one,
 )
-
-
-def tail(path, lines):
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 65536))
-            text = f.read().decode("utf-8", "replace")
-    except OSError:
-        return ""
-    return "\n".join(text.splitlines()[-lines:])
-
-
-def command(p, task, values):
-    """argv, env and cwd for one task, as planned; secret values only in the environment."""
-    env = dict(os.environ)
-    env.update(task["env"])
-    env.update(values)
-    if p["runtime"] == "docker":
-        docker = shutil.which("docker") or "docker"
-        argv = [docker, "run", "--rm", "--name", task["container_name"], "--network", "host",
-                "-v", f"{task['dir']}:/work"]
-        for key, value in sorted(task["labels"].items()):
-            argv += ["--label", f"{key}={value}"]
-        for vol in task.get("volumes") or []:
-            argv += ["-v", vol]
-        for key in sorted({**task["env"], **values}):
-            argv += ["-e", key]  # the value comes from this process's environment
-        return [*argv, task["container"], *task["argv"]], env, task["cwd"]
-    if task.get("path_prepend"):
-        env["PATH"] = task["path_prepend"] + os.pathsep + env.get("PATH", os.defpath)
-    return list(task["argv"]), env, task["cwd"]
-
-
-def remove_stale_containers(owner):
-    """This deployment's harness containers that an interrupted run left behind (the
-    controller stopped, the container went on); never another deployment's."""
-    docker = shutil.which("docker") or "docker"
-    found = subprocess.run([docker, "ps", "-aq", "--filter", "label=evalprov.managed=eval",
-                            "--filter", f"label=evalprov.owner={owner}"],
-                           capture_output=True, text=True, check=False).stdout.split()
-    if found:
-        subprocess.run([docker, "rm", "-f", *found], capture_output=True, check=False)
-
-
-def run_one(p, task):
-    tdir = task["dir"]
-    logs = os.path.join(tdir, "logs")
-    for d in (os.path.join(tdir, "results"), logs):
-        os.makedirs(d, exist_ok=True)
-    with open(os.path.join(tdir, "run_config.yml"), "w") as f:
-        json.dump(task["run_config"], f, indent=1)  # JSON is YAML: no PyYAML on the host
-    values = dict((p["env"] or {}).get(task["name"]) or {})
-    argv, env, cwd = command(p, task, values)
-    log_path = os.path.join(logs, "harness.log")
-    start = time.time()
-    with open(log_path, "wb") as log:
-        try:
-            # its own process group, recorded: evalprov_stop_tasks stops it and all it started
-            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                    cwd=cwd, start_new_session=True)
-            write_pid(os.path.join(tdir, "harness.pid"), proc.pid)
-            try:
-                rc = proc.wait(timeout=p["timeout"])
-            except subprocess.TimeoutExpired:
-                stop_group(proc.pid)
-                proc.wait()
-                rc = 124
-                log.write(f"\nevalprov: task timed out after {p['timeout']} s\n".encode())
-        except OSError as exc:
-            rc = 127
-            log.write(f"\nevalprov: cannot start the harness: {exc}\n".encode())
-    seconds = round(time.time() - start, 2)
-    meta = {"name": task["name"], "slug": task["slug"], "rc": rc, "seconds": seconds,
-            "started": start, "status": "succeeded" if rc == 0 else "failed"}
-    with open(os.path.join(tdir, "evalprov-task.json"), "w") as f:
-        json.dump(meta, f)
-    archive = tdir + ".tar.gz"
-    with tarfile.open(archive, "w:gz") as tar:
-        tar.add(tdir, arcname=task["slug"])
-    meta["archive"] = archive
-    if rc != 0:
-        meta["log_tail"] = tail(log_path, p["log_lines"])
-    return meta
 
 
 def main():

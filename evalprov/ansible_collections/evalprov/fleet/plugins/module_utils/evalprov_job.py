@@ -1,0 +1,327 @@
+"""The Slurm job driver: what one evalprov job does on its compute node. ONE job serves the
+model once and runs every task against it (NEL submits one job per task):
+
+    start vLLM (docker on the node, or `vllm serve` from a venv) -> wait for /health within
+    the readiness timeout (a server that dies ends the job at once, quoting its log) -> run
+    the tasks, `concurrency` at a time -> stop the server -> exit 0 (all succeeded) or 1
+
+Started by the job script as
+    python3 -m ansible_collections.evalprov.fleet.plugins.module_utils.evalprov_job JOB_DIR
+with JOB_DIR/lib on PYTHONPATH. Everything it does comes from JOB_DIR/job.json, written by
+evalprov: no value is ever read by a shell. Secret values come from JOB_DIR/secrets.json
+(0600), read and deleted before anything starts; they reach vLLM and the harness only
+through the environment.
+
+Progress is JOB_DIR/state.json (rewritten atomically), read by evalprov_slurm on the login
+node. SIGTERM (scancel, the time limit) stops the harness and the server this job started,
+marks the unfinished tasks failed and keeps the finished ones. A task that succeeded in an
+earlier job of the same run (auto-resume, --rerun) is not run again. When the job was given
+resumes left, it first submits its successor (`--dependency=afternotok`), which continues
+with the unfinished tasks if this one ends early, and cancels it when every task is done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from ansible_collections.evalprov.fleet.plugins.module_utils.evalprov_host import (
+    health,
+    read_pid,
+    stop_group,
+    write_pid,
+)
+from ansible_collections.evalprov.fleet.plugins.module_utils.evalprov_tasks import (
+    run_one,
+    tail,
+)
+
+DECISIVE = ("must be divisible by", "out of memory", "OutOfMemoryError", "No such file",
+            "not found", "Permission denied", "Address already in use", "ValueError:",
+            "RuntimeError:", "OSError:", "ImportError:", "ModuleNotFoundError:", "error:")
+
+
+def write_json(path, data):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f)
+    os.replace(tmp, path)
+
+
+def read_json(path, default=None):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return default
+
+
+def take_secrets(job_dir):
+    """The secret values, once: the file is deleted as soon as it is read."""
+    path = os.path.join(job_dir, "secrets.json")
+    data = read_json(path, {})
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    return data if isinstance(data, dict) else {}
+
+
+def decisive(text):
+    for line in text.splitlines():
+        if any(k in line for k in DECISIVE):
+            return line.strip()[:300]
+    return ""
+
+
+def visible_gpus(planned):
+    """The planned GPU indices are positions in the job's allocation (CUDA_VISIBLE_DEVICES
+    as Slurm set it); the devices themselves are what the runtime is given."""
+    alloc = [g for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g]
+    return [alloc[i] if i < len(alloc) else str(i) for i in planned]
+
+
+class Job:
+    def __init__(self, job_dir):
+        self.dir = job_dir
+        self.spec = read_json(os.path.join(job_dir, "job.json"))
+        if not isinstance(self.spec, dict):
+            raise SystemExit(f"evalprov job: {job_dir}/job.json is missing or not JSON")
+        self.job_id = os.environ.get("SLURM_JOB_ID", "")
+        self.secrets = take_secrets(job_dir)
+        self.stopping = threading.Event()
+        self.lock = threading.Lock()
+        self.server = None  # Popen (process runtime) or container name (docker)
+        self.state = {"job": self.job_id, "node": os.uname().nodename, "phase": "starting",
+                      "message": "", "tasks": {}, "started": time.time()}
+        for t in self.spec["tasks"]:
+            done = read_json(os.path.join(t["dir"], "evalprov-task.json"), {})
+            if done.get("status") == "succeeded":
+                self.state["tasks"][t["name"]] = "succeeded"
+            else:
+                self.state["tasks"][t["name"]] = "pending"
+
+    # -------------------------------------------------------------------- state
+    def save(self, **changes):
+        with self.lock:
+            self.state.update(changes)
+            self.state["updated"] = time.time()
+            write_json(os.path.join(self.dir, f"state-{self.job_id or 'local'}.json"), self.state)
+            write_json(os.path.join(self.dir, "state.json"), self.state)
+
+    def task_state(self, name, status):
+        with self.lock:
+            self.state["tasks"][name] = status
+        self.save()
+
+    # --------------------------------------------------------------- the chain
+    def submit_successor(self):
+        """Auto-resume: the next job of the chain waits for this one to end early."""
+        left = int(self.spec.get("resumes_left", 0)) - self.position()
+        if left <= 0 or not self.job_id:
+            return None
+        argv = [*self.spec["sbatch_argv"], f"--dependency=afternotok:{self.job_id}",
+                os.path.join(self.dir, "job.sbatch")]
+        proc = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=60)
+        if proc.returncode != 0:
+            self.save(message=f"could not submit the resume job: {proc.stderr.strip()[:200]}")
+            return None
+        successor = proc.stdout.strip().split(";")[0]
+        with open(os.path.join(self.dir, "jobs"), "a") as f:
+            f.write(successor + "\n")
+        return successor
+
+    def position(self):
+        """How many jobs of this chain came before this one."""
+        try:
+            with open(os.path.join(self.dir, "jobs")) as f:
+                ids = [line.strip() for line in f if line.strip()]
+        except OSError:
+            return 0
+        return ids.index(self.job_id) if self.job_id in ids else 0
+
+    # ------------------------------------------------------------------ server
+    def start_server(self, inst):
+        runtime = self.spec["runtime"]
+        log_path = os.path.join(self.dir, f"{inst['name']}.log")
+        secret = {k: str(v) for k, v in (self.secrets.get("deployment_env") or {}).items()}
+        if runtime == "process":
+            venv = self.spec["vllm_venv"]
+            env = {"PATH": os.path.join(venv, "bin") + ":/usr/local/bin:/usr/bin:/bin",
+                   "HOME": os.environ.get("HOME", "/root"), "VIRTUAL_ENV": venv,
+                   "LANG": "C.UTF-8"}
+            env.update({k: str(v) for k, v in inst["env"].items()})
+            if self.spec.get("device") == "gpu":
+                env["CUDA_VISIBLE_DEVICES"] = ",".join(visible_gpus(inst["gpus"]))
+            env.update(secret)
+            argv = [os.path.join(venv, "bin", inst["argv"][0]), *inst["argv"][1:]]
+            with open(log_path, "ab") as log:
+                self.server = subprocess.Popen(
+                    argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                    env=env, cwd=self.dir, start_new_session=True, close_fds=True)
+            write_pid(os.path.join(self.dir, "vllm.pid"), self.server.pid)
+            return
+        docker = shutil.which("docker") or "docker"
+        name = f"evalprov-slurm-{self.job_id or os.getpid()}-{inst['name']}"
+        argv = [docker, "run", "-d", "--name", name, "--network", "host", "--ipc", "host",
+                "--entrypoint", inst["entrypoint"][0]]
+        for key, value in sorted(inst["labels"].items()):
+            argv += ["--label", f"{key}={value}"]
+        argv += ["--label", f"evalprov.slurm_job={self.job_id}"]
+        if inst["gpus"] and self.spec.get("device") == "gpu":
+            argv += ["--gpus", '"device={}"'.format(",".join(visible_gpus(inst["gpus"])))]
+        for vol in inst["volumes"]:
+            argv += ["-v", vol]
+        env = dict(os.environ)
+        env.update({k: str(v) for k, v in inst["env"].items()})
+        env.update(secret)
+        for key in sorted({*inst["env"], *secret}):
+            argv += ["-e", key]  # the value comes from this process's environment
+        argv += [inst["image"], *inst["command"]]
+        with open(log_path, "ab") as log:
+            proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=log, env=env,
+                                  check=False, timeout=3600)
+        if proc.returncode != 0:
+            raise RuntimeError(f"docker run {inst['image']} failed (exit {proc.returncode}): "
+                               + tail(log_path, 3).replace("\n", " ")[:300])
+        self.server = name
+
+    def server_alive(self):
+        if isinstance(self.server, subprocess.Popen):
+            return self.server.poll() is None
+        docker = shutil.which("docker") or "docker"
+        out = subprocess.run([docker, "inspect", "-f", "{{.State.Running}}", self.server],
+                             capture_output=True, text=True, check=False, timeout=30)
+        return out.stdout.strip() == "true"
+
+    def server_log(self, inst, lines=40):
+        if isinstance(self.server, str):
+            docker = shutil.which("docker") or "docker"
+            out = subprocess.run([docker, "logs", "--tail", str(lines), self.server],
+                                 capture_output=True, text=True, check=False, timeout=30)
+            return (out.stdout + out.stderr)[-20000:]
+        return tail(os.path.join(self.dir, f"{inst['name']}.log"), lines)
+
+    def stop_server(self):
+        server, self.server = self.server, None
+        if isinstance(server, subprocess.Popen):
+            stop_group(server.pid, grace=3.0)
+            server.wait()
+        elif server:
+            docker = shutil.which("docker") or "docker"
+            subprocess.run([docker, "rm", "-f", server], capture_output=True, check=False,
+                           timeout=60)
+
+    def wait_healthy(self, inst):
+        deadline = time.monotonic() + int(self.spec["health_timeout"])
+        served = self.spec.get("served_model_name")
+        while not self.stopping.is_set():
+            ok, _detail = health(inst["port"], self.spec["health_path"], served)
+            if ok:
+                return None
+            if not self.server_alive():
+                text = self.server_log(inst)
+                cause = decisive(text)
+                head = f"vLLM stopped before it became healthy on {self.state['node']}"
+                return f"{head}: {cause}" if cause else f"{head}; log tail: {text[-500:]}"
+            if time.monotonic() > deadline:
+                return (f"vLLM was not healthy within {self.spec['health_timeout']} s "
+                        "(execution.endpoint_readiness_timeout); log tail: "
+                        + self.server_log(inst, 5).replace("\n", " ")[-400:])
+            self.stopping.wait(2.0)
+        return "the job was stopped while vLLM was loading"
+
+    # ------------------------------------------------------------------- tasks
+    def run_task(self, task):
+        if self.stopping.is_set() or self.state["tasks"].get(task["name"]) == "succeeded":
+            return None
+        self.task_state(task["name"], "running")
+        p = {"runtime": self.spec["runtime"], "timeout": int(self.spec["task_timeout"]),
+             "log_lines": 40, "env": self.secrets.get("task_env") or {}}
+        meta = run_one(p, task)
+        status = meta["status"] if not self.stopping.is_set() else (
+            "succeeded" if meta["rc"] == 0 else "failed")
+        self.task_state(task["name"], status)
+        return meta
+
+    def stop_tasks(self):
+        """The harness processes (their process groups) and containers of this job."""
+        for t in self.spec["tasks"]:
+            pid = read_pid(os.path.join(t["dir"], "harness.pid")).get("pid")
+            if pid and self.state["tasks"].get(t["name"]) == "running":
+                stop_group(pid, grace=2.0)
+        if self.spec["runtime"] == "docker":
+            docker = shutil.which("docker") or "docker"
+            names = [t["container_name"] for t in self.spec["tasks"]]
+            subprocess.run([docker, "rm", "-f", *names], capture_output=True, check=False,
+                           timeout=60)
+
+    def on_signal(self, signum, frame):
+        if self.stopping.is_set():
+            return
+        self.stopping.set()
+        self.save(phase="stopping", message=f"signal {signum}: the job was cancelled or "
+                  "reached its time limit")
+        threading.Thread(target=self._stop_all, daemon=True).start()
+
+    def _stop_all(self):
+        self.stop_tasks()
+        self.stop_server()
+
+    # --------------------------------------------------------------------- run
+    def run(self):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP):
+            signal.signal(sig, self.on_signal)
+        self.save()
+        successor = self.submit_successor()
+        pending = [t for t in self.spec["tasks"] if self.state["tasks"][t["name"]] != "succeeded"]
+        code = 0
+        try:
+            if pending:
+                code = self._serve_and_evaluate(pending)
+        finally:
+            self.stop_server()
+        unfinished = [n for n, s in self.state["tasks"].items() if s != "succeeded"]
+        for name in unfinished:
+            if self.state["tasks"][name] in ("pending", "running"):
+                self.state["tasks"][name] = "failed"
+        if not unfinished and successor:
+            subprocess.run(["scancel", successor], capture_output=True, check=False, timeout=60)
+        final = "done" if not unfinished else "failed"
+        self.save(phase=final, ended=time.time())
+        return 143 if self.stopping.is_set() else (code or (1 if unfinished else 0))
+
+    def _serve_and_evaluate(self, pending):
+        inst = self.spec.get("instance")
+        if inst:
+            self.save(phase="loading", message=f"starting {inst['label']}")
+            try:
+                self.start_server(inst)
+            except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+                self.save(phase="failed", message=str(exc)[:500])
+                return 1
+            problem = self.wait_healthy(inst)
+            if problem:
+                self.save(phase="failed", message=problem)
+                return 1
+        self.save(phase="evaluating", message=f"{len(pending)} task(s)")
+        with ThreadPoolExecutor(max_workers=max(1, int(self.spec["concurrency"]))) as pool:
+            list(pool.map(self.run_task, pending))
+        return 0
+
+
+def main(argv):
+    if len(argv) != 2:
+        print("usage: evalprov_job JOB_DIR", file=sys.stderr)
+        return 2
+    return Job(argv[1]).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

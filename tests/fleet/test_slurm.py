@@ -1,0 +1,196 @@
+"""`evalprov apply` on a REAL Slurm 22.05 cluster (tests/testbed/slurm.py): slurmctld and
+munged on the controller's fleet address, a slurmd in each fake host, fake GPU gres. h1 is
+the login node, reached with Ansible over SSH; the job runs on whichever node Slurm picks.
+
+The seed's own example (execution: slurm/default) runs with overrides only for the login
+node, images and paths: ONE job serves the stand-in vLLM server once and runs both tasks with
+NVIDIA's real harness (its image, from the fleet's registry); scores come home into the same
+ledger and layout as bare-metal runs. Also: --check submits nothing, a job that hits its time
+limit or is cancelled keeps its finished tasks and fails the rest, `--rerun failed` submits
+only those, destroy cancels, and secrets never reach the script, the cluster's disk, a
+process listing or the controller's files.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.testbed import STANDIN_IMAGE
+from tests.testbed.slurm import ACCOUNT, PARTITION, SlurmCluster
+
+pytestmark = pytest.mark.fleet
+
+REPO = Path(__file__).resolve().parents[2]
+SEED = REPO / "examples" / "nel_seed.yaml"
+SECRET = "hf_evalprov_slurm_secret_5c1e"  # grepped for everywhere evalprov writes
+DEADLINE = 420  # seconds any one apply may take here
+
+
+@pytest.fixture(scope="module")
+def cluster(fleet_factory):
+    from tests.testbed.eval_image import ensure_eval_image
+    from tests.testbed.image import ensure_standin_image
+
+    fleet_factory.close()  # one fleet at a time: the cluster brings its own hosts
+    c = SlurmCluster(gpus=(2, 2), net=fleet_factory.net)
+    c.up()
+    try:
+        ensure_standin_image(c.fleet)
+        c.eval_image = ensure_eval_image(c.fleet)
+        c.inventory = c.fleet.write_inventory(c.dir / "inventory.yml")
+        yield c
+    finally:
+        c.down()
+
+
+@pytest.fixture
+def work(cluster, tmp_path):
+    """A per-test output_dir on the cluster's shared filesystem, and no job left behind."""
+    remote = cluster.dir / "shared" / tmp_path.name
+    remote.mkdir(parents=True)
+    yield remote
+    cluster.cancel_all()
+    for h in cluster.fleet.hosts:
+        names = cluster.fleet.docker(h.name, "ps", "-aq", check=False).stdout.decode().split()
+        if names:
+            cluster.fleet.docker(h.name, "rm", "-f", *names, check=False)
+
+
+def seed_overrides(cluster, remote: Path, local: Path, *extra: str) -> list[str]:
+    image = cluster.eval_image
+    return [
+        "-o", "execution.hostname=h1", "-o", f"execution.account={ACCOUNT}",
+        "-o", f"execution.partition={PARTITION}", "-o", f"execution.output_dir={remote}",
+        "-o", f"execution.local_output_dir={local}", "-o", "execution.gres=gpu:2",
+        "-o", "execution.endpoint_readiness_timeout=120",
+        "-o", f"deployment.image={STANDIN_IMAGE}", "-o", "deployment.data_parallel_size=2",
+        "-o", f"evaluation.tasks.0.container={image}",
+        "-o", f"evaluation.tasks.1.container={image}",
+        "-o", "evaluation.nemo_evaluator_config.config.params.limit_samples=3",
+        "-o", "evaluation.nemo_evaluator_config.config.params.max_new_tokens=32",
+        *extra,
+    ]
+
+
+def evalprov(cluster, *args: str, env_extra: dict | None = None,
+             timeout: float = DEADLINE) -> subprocess.CompletedProcess:
+    import os
+
+    env = {**os.environ, "HF_TOKEN_FOR_GPQA_DIAMOND": SECRET, **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "evalprov.cli", *args], capture_output=True,
+                          text=True, timeout=timeout, env=env, cwd=REPO)
+
+
+def apply_seed(cluster, remote, local, *extra, check=False, **kw):
+    args = ["apply", str(SEED), "-i", str(cluster.inventory),
+            *seed_overrides(cluster, remote, local, *extra)]
+    if check:
+        args.append("--check")
+    return evalprov(cluster, *args, **kw)
+
+
+def summary(local: Path) -> dict:
+    runs = sorted(p for p in local.iterdir() if (p / "summary.json").exists())
+    return json.loads((runs[-1] / "summary.json").read_text())
+
+
+def test_seed_example_runs_as_one_job_and_scores_come_home(cluster, work, tmp_path):
+    local = tmp_path / "results"
+    before = cluster.cmd("squeue", "-h", "-o", "%i")
+    proc = apply_seed(cluster, work, local)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert before.strip() == ""
+    s = summary(local)
+    by_task = {t["task"]: t for t in s["tasks"]}
+    assert set(by_task) == {"ifeval", "gpqa_diamond"}
+    for name, metric in (("ifeval", "prompt_level_strict_acc"), ("gpqa_diamond", "score")):
+        rec = by_task[name]
+        assert rec["status"] == "succeeded", rec
+        assert rec["host"] == "h1"
+        assert rec["primary"]["metric"] == metric
+        assert 0.0 <= rec["primary"]["score"] <= 1.0
+    # ONE job served both tasks: the first of the chain ran the driver, once; its auto-resume
+    # successor (queued behind it) was cancelled when every task was done, before it started
+    run_dir = work / s["run"]
+    jobs = (run_dir / "jobs").read_text().split()
+    ran = sorted(p.name for p in run_dir.glob("state-*.json"))
+    assert ran == [f"state-{jobs[0]}.json"], ran
+    state = json.loads((run_dir / "state.json").read_text())
+    assert state["phase"] == "done" and state["job"] == jobs[0]
+    assert cluster.job(jobs[0])["JobState"] == "COMPLETED"
+    assert all(cluster.job(j)["JobState"] == "CANCELLED" for j in jobs[1:])
+    print(proc.stderr)
+    # live progress while it ran: the job's states and the tasks, per look
+    assert "slurm" in proc.stderr and "evaluating" in proc.stderr
+    # the job script and the job's state carry no secret; the secrets file is gone
+    assert not (run_dir / "secrets.json").exists()
+    leaked = [str(p) for root in (work, local) for p in root.rglob("*")
+              if p.is_file() and SECRET.encode() in p.read_bytes()]
+    assert leaked == []
+    assert SECRET not in proc.stdout + proc.stderr
+    for h in cluster.fleet.hosts:
+        assert SECRET not in cluster.fleet.exec(h.name, ["ps", "auxeww"]).stdout.decode()
+    # the job stopped its server: nothing of it runs on any node
+    for h in cluster.fleet.hosts:
+        assert cluster.fleet.docker(h.name, "ps", "-q").stdout.strip() == b""
+    # status and results read the run from the local ledger
+    st = evalprov(cluster, "status", "--output-dir", str(local))
+    assert st.returncode == 0 and "ifeval" in st.stdout, st.stdout + st.stderr
+    res = evalprov(cluster, "results", "--output-dir", str(local), "--format", "csv")
+    assert "gpqa_diamond,h1,succeeded,score" in res.stdout, res.stdout
+    # a second apply changes nothing and submits nothing
+    again = apply_seed(cluster, work, local)
+    assert again.returncode == 0, again.stderr
+    assert "no job" in again.stderr
+    assert cluster.squeue() == []
+
+
+def test_check_shows_the_script_and_submits_nothing(cluster, work, tmp_path):
+    local = tmp_path / "results"
+    proc = apply_seed(cluster, work, local, check=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "#SBATCH --gres=gpu:2" in proc.stderr
+    assert f"#SBATCH --account={ACCOUNT}" in proc.stderr
+    assert cluster.squeue() == []
+    assert list(work.iterdir()) == []  # nothing written on the cluster
+    # the GPU arithmetic and the cluster's answer are checked before anything is submitted
+    bad = apply_seed(cluster, work, local, "-o", "execution.gres=gpu:1", check=True)
+    assert bad.returncode == 2, bad.stderr
+    assert "execution.gres gives 1 GPUs but one instance needs 2" in bad.stderr
+    bad = apply_seed(cluster, work, local, "-o", "execution.partition=nosuch", check=True)
+    assert bad.returncode != 0
+    assert "sbatch --test-only refused the job" in bad.stderr, bad.stderr
+    assert "nosuch" in bad.stderr
+    assert cluster.squeue() == [] and list(work.iterdir()) == []
+
+
+def test_time_limit_keeps_finished_tasks_and_rerun_failed_submits_the_rest(
+        cluster, work, tmp_path):
+    """A walltime of one minute fits the stand-in server and ifeval but not a gpqa_diamond
+    that sleeps: the job TIMEOUTs; ifeval stays succeeded, gpqa_diamond is failed naming the
+    job's end; `--rerun failed` then runs only gpqa_diamond."""
+    local = tmp_path / "results"
+    slow = ["-o", "execution.walltime=00:01:00", "-o", "execution.max_walltime=00:01:00",
+            "-o", "deployment.env_vars.STANDIN_SLOW_AFTER=lit:3"]
+    t0 = time.monotonic()
+    proc = apply_seed(cluster, work, local, *slow)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert time.monotonic() - t0 < DEADLINE
+    by_task = {t["task"]: t for t in summary(local)["tasks"]}
+    assert by_task["ifeval"]["status"] == "succeeded", by_task
+    assert by_task["gpqa_diamond"]["status"] == "failed"
+    assert "TIMEOUT" in by_task["gpqa_diamond"]["error"]
+    for h in cluster.fleet.hosts:
+        assert cluster.fleet.docker(h.name, "ps", "-q").stdout.strip() == b""
+    rerun = apply_seed(cluster, work, local, "--rerun", "failed")
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert "1 task(s) to run, 1 done before" in rerun.stderr
+    tasks = {t["task"]: t for t in summary(local)["tasks"]}
+    assert tasks["gpqa_diamond"]["status"] == "succeeded"
+    assert tasks["ifeval"].get("reused_from")
