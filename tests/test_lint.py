@@ -3,6 +3,7 @@ playbooks and roles."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -25,6 +26,9 @@ def test_ansible_lint_production_profile():
     collection: run from its root."""
     exe = shutil.which("ansible-lint")
     assert exe, "ansible-lint is a test dependency: pip install -e .[test]"
+    # this tree's collection first (not a copy some earlier tool left in ~/.ansible)
+    env = {**os.environ, "ANSIBLE_COLLECTIONS_PATH": os.pathsep.join(
+        [str(ROOT / "evalprov"), "/usr/share/ansible/collections"])}
     proc = subprocess.run([exe, "--profile", "production", "--offline", "playbooks", "roles"],
-                          cwd=COLLECTION, capture_output=True, text=True)
+                          cwd=COLLECTION, capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]

@@ -165,9 +165,13 @@ def test_no_hosts_and_duplicate_hosts_are_errors(vllm_config):
 
 
 def test_seed_argv_is_nel_base_command_exactly(seed_config):
+    """NEL's base command, bound to loopback: the harness runs in the same Slurm job, on the
+    same node, and nothing else on the cluster's network may call the unauthenticated API."""
     p = plan(seed_config(), [])
     (inst,) = p.instances
-    assert list(inst.argv) == SEED_ARGV
+    port = SEED_ARGV.index("--port")
+    assert list(inst.argv) == [*SEED_ARGV[:port + 2], "--host", "127.0.0.1",
+                               *SEED_ARGV[port + 2:]]
     assert isinstance(inst.argv, tuple) and all(type(a) is str for a in inst.argv)
 
 
@@ -410,7 +414,7 @@ def test_deployment_none_plans_no_instances_and_points_tasks_at_the_target(make_
 def test_seed_on_slurm_plans_one_allocation_of_gres_gpus(seed_config):
     p = plan(seed_config(), [HostFacts("ignored", 1)])
     assert p.execution == "slurm"
-    assert [h.host for h in p.hosts] == ["your-cluster-headnode/instance-0"]
+    assert [h.host for h in p.hosts] == ["your-cluster-headnode"]
     assert p.hosts[0].gpus_total == 8
     (inst,) = p.instances
     assert inst.gpus == tuple(range(8))
@@ -431,7 +435,7 @@ def test_slurm_gres_too_small_names_gres_and_the_fix(seed_config):
     with pytest.raises(PlanError) as err:
         plan(seed_config("execution.gres=gpu:4"), [])
     (line,) = err.value.lines
-    assert "your-cluster-headnode/instance-0" in line
+    assert "host your-cluster-headnode:" in line
     assert "4 GPUs" in line and "needs 8" in line and "execution.gres" in line
     assert "gpu:8" in line
 
