@@ -335,6 +335,9 @@ def record_seen(loaded: LoadedConfig, d: Decision, result: RunResult, run_dir: P
     ledger.set_record(run_id, rec)
     use = usage.gpu_hours(ledger.run(run_id), ledger.deployments_of(run_id),
                           ledger.tasks_of(run_id))
+    for entry in result.tasks:  # the closing table of apply shows them too
+        if not entry.get("reused_from"):
+            entry["gpu_hours"] = use.task(entry["host"], entry["task"])
     if not (run_dir / SUMMARY).exists():
         return
     data = load_summary(run_dir)
