@@ -79,8 +79,8 @@ def timeline_svg(rows: list[dict[str, Any]]) -> dict[str, Any]:
         bars.append({**r, "x": round(x, 2), "y": 20 + i * LANE, "w": round(w, 2),
                      "color": color, "seconds": round(r["end"] - r["start"], 2),
                      "offset": round(r["start"] - t0, 2)})
-    ticks = [{"x": round(LABEL + f * (WIDTH - LABEL - 10), 2), "label": f"{f * span:.1f}s"}
-             for f in (0, 0.25, 0.5, 0.75, 1.0)]
+    ticks = [{"x": round(LABEL + f * (WIDTH - LABEL - 10), 2), "label": f"{f * span:.1f}s",
+              "anchor": "end" if f == 1.0 else "middle"} for f in (0, 0.25, 0.5, 0.75, 1.0)]
     return {"bars": bars, "height": 30 + len(rows) * LANE, "span": round(span, 2),
             "ticks": ticks}
 
@@ -196,7 +196,7 @@ style="background:{{ c }}"></i>{{ k }}</span>{% endfor %}</div>
  data-span="{{ d.timeline.span }}">
 {% for t in d.timeline.ticks %}<line x1="{{ t.x }}" x2="{{ t.x }}" y1="12"
  y2="{{ d.timeline.height }}" stroke="#eee"/><text x="{{ t.x }}" y="10"
- text-anchor="middle">{{ t.label }}</text>{% endfor %}
+ text-anchor="{{ t.anchor }}">{{ t.label }}</text>{% endfor %}
 {% for b in d.timeline.bars %}<g class="bar" data-host="{{ b.host }}" data-kind="{{ b.kind }}"
  data-label="{{ b.label }}" data-seconds="{{ b.seconds }}" data-status="{{ b.status }}">
 <text x="4" y="{{ b.y + 14 }}">{{ b.host }}: {{ b.label }}</text>
@@ -295,10 +295,26 @@ def render_html(data: dict[str, Any]) -> str:
                            now=time.strftime("%Y-%m-%d %H:%M:%S"))
 
 
+def ledger_row(out: Path, run_id: str) -> dict[str, Any] | None:
+    """The run's ledger row (status, start, end), when its output_dir has a ledger."""
+    from evalprov.errors import EvalprovError
+    from evalprov.ledger import DB_NAME, Ledger
+
+    if not (out / DB_NAME).exists():
+        return None
+    try:
+        with Ledger(out) as ledger:
+            return dict(ledger.run(run_id))
+    except EvalprovError:
+        return None
+
+
 def write_report(run_dir: Path, out: Path | None = None,
                  ledger_run: dict[str, Any] | None = None) -> Path:
     from evalprov.results import write_atomic
 
+    if ledger_run is None:
+        ledger_run = ledger_row(run_dir.parent, run_dir.name)
     path = out or run_dir / "report.html"
     write_atomic(path, render_html(report_data(run_dir, ledger_run)))
     return path

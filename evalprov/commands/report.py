@@ -16,20 +16,6 @@ def arguments(p: argparse.ArgumentParser) -> None:
                    help="where to write the HTML (default <run>/report.html)")
 
 
-def ledger_row(out: Path, run_id: str) -> dict | None:
-    """The run's ledger row (status, start, end), when the output_dir has a ledger."""
-    from evalprov.errors import EvalprovError
-    from evalprov.ledger import DB_NAME, Ledger
-
-    if not (out / DB_NAME).exists():
-        return None
-    try:
-        with Ledger(out) as ledger:
-            return dict(ledger.run(run_id))
-    except EvalprovError:
-        return None
-
-
 def run(args: argparse.Namespace) -> int:
     from evalprov import report, results
 
@@ -37,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
     run_dir = results.find_run(out, args.run)
     summary = results.load_summary(run_dir)
     path = report.write_report(run_dir, Path(args.out) if args.out else None,
-                               ledger_row(run_dir.parent, summary["run"]))
+                               report.ledger_row(run_dir.parent, summary["run"]))
     print(path)
     return Exit.OK
 

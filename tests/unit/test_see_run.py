@@ -207,6 +207,8 @@ def test_report_and_export_json_from_the_command_line(tmp_path, monkeypatch, cap
     assert main(["report", "r1", "--output-dir", str(out)]) == 0
     path = capsys.readouterr().out.strip()
     assert path == str(out / "r1" / "report.html")
+    page = (out / "r1" / "report.html").read_text()
+    assert re.search(r"started \d{4}-\d\d-\d\d \d\d:\d\d:\d\d · finished \d{4}-", page)
     assert main(["export", "--to", "json", "--output-dir", str(out)]) == 0
     doc = json.loads((out / "r1" / "export.json").read_text())
     assert doc["run"] == "r1" and doc["record"]["vllm_version"] == "0.9.1"
