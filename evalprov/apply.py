@@ -37,6 +37,7 @@ from evalprov.results import collect, write_atomic, write_summary
 from evalprov.runner import Progress, RunResult, run_playbook
 from evalprov.secrets import secret_specs
 from evalprov.show import run_summary as summary
+from evalprov.timeline import Timeline
 
 
 @dataclass
@@ -307,6 +308,7 @@ def _run_locked(loaded, hosts, opts, playbook, secret, per_task, out, ledger):
                         if record and "d" in decided and action.endswith(
                             ("evalprov_run_tasks", "evalprov_slurm"))
                         else None)
+    timeline = Timeline(progress)  # each host's phases and the record's host facts
     with Interrupt() as interrupt:
         try:
             result = run_playbook(
@@ -315,7 +317,7 @@ def _run_locked(loaded, hosts, opts, playbook, secret, per_task, out, ledger):
                 skip_tags=opts.skip_tags, forks=opts.forks,
                 secrets={"deployment_env": secret, "task_env": per_task} if secret or per_task
                 else None,
-                inputs=dump_inputs(inputs), progress=progress, cancel=lambda: interrupt.hit)
+                inputs=dump_inputs(inputs), progress=timeline, cancel=lambda: interrupt.hit)
         except KeyboardInterrupt:  # Ctrl-C again: stop now, but leave no run 'running'
             if record and "d" in decided:
                 ledger.finish_run(run_id, "interrupted")
@@ -336,7 +338,7 @@ def _run_locked(loaded, hosts, opts, playbook, secret, per_task, out, ledger):
             if host not in result.failed_hosts:
                 ledger.mark_gone(host, list(v.get("evalprov_vllm_remove") or ()))
     if record:
-        record_run(loaded, d, result, run_dir, run_id, ledger,
+        record_run(loaded, d, result, run_dir, run_id, ledger, timeline,
                    job=progress.slurm if on_slurm else None)
     return d.plan, result, run_dir
 
@@ -396,17 +398,19 @@ def stop_tasks(d: Decision, inputs: Inputs, run_dir: Path, inventories: list[str
 
 
 def record_run(loaded: LoadedConfig, d: Decision, result: RunResult, run_dir: Path,
-               run_id: str, ledger: Ledger, job: dict[str, Any] | None = None) -> None:
+               run_id: str, ledger: Ledger, timeline: Timeline | None = None,
+               job: dict[str, Any] | None = None) -> None:
     """What really happened, into the ledger and summary.json (job: the last look at a
     Slurm job, whose server ends with it)."""
     failed_hosts = set(result.failed_hosts)
     for inst in d.plan.instances:
         if job is not None and d.to_run:
             ledger.record_deployment(run_id, inst.host, inst.name, inst.spec_hash, inst.port,
-                                     "stopped (the Slurm job ended)")
+                                     "stopped (the Slurm job ended)", gpus=len(inst.gpus))
         elif inst.host in d.checked.hosts:
             ledger.record_deployment(run_id, inst.host, inst.name, inst.spec_hash, inst.port,
-                                     "failed" if inst.host in failed_hosts else "serving")
+                                     "failed" if inst.host in failed_hosts else "serving",
+                                     gpus=len(inst.gpus))
     if d.plan.task_runs or d.reused:
         tasks = {h.host: [{**task_vars(t), "slug": t.slug} for t in h.tasks]
                  for h in d.plan.hosts if h.tasks}
@@ -425,6 +429,42 @@ def record_run(loaded: LoadedConfig, d: Decision, result: RunResult, run_dir: Pa
               "failed" if result.failed_hosts or any(
                   t["status"] != "succeeded" for t in result.tasks) else "succeeded")
     ledger.finish_run(run_id, status)
+    record_seen(loaded, d, result, run_dir, run_id, ledger, timeline)
+
+
+def record_seen(loaded: LoadedConfig, d: Decision, result: RunResult, run_dir: Path,
+                run_id: str, ledger: Ledger, timeline: Timeline | None) -> None:
+    """The finished run as people see it: each host's timeline, the reproducibility record
+    and GPU-hours, into the ledger and summary.json."""
+    from evalprov import provenance, usage
+    from evalprov.results import SUMMARY, load_summary
+
+    if timeline is not None:
+        ledger.record_phases(run_id, timeline.rows())
+    try:
+        rec = provenance.build(loaded, d.plan, result.facts,
+                               timeline.provenance if timeline else {})
+    except Exception as exc:  # the results matter more than their record
+        rec = {"error": f"the record could not be built: {type(exc).__name__}: {exc}"}
+        print(f"warning: {rec['error']}", file=sys.stderr)
+    ledger.set_record(run_id, rec)
+    use = usage.gpu_hours(ledger.run(run_id), ledger.deployments_of(run_id),
+                          ledger.tasks_of(run_id))
+    for entry in result.tasks:  # the closing table of apply shows them too
+        if not entry.get("reused_from"):
+            entry["gpu_hours"] = use.task(entry["host"], entry["task"])
+    if not (run_dir / SUMMARY).exists():
+        return
+    data = load_summary(run_dir)
+    for entry in data["tasks"]:
+        if not entry.get("reused_from"):
+            entry["gpu_hours"] = use.task(entry["host"], entry["task"])
+    data["usage"] = use.to_dict()
+    data["timeline"] = [{"host": r["host"], "phase": r["phase"], "started": r["started"],
+                         "finished": r["finished"], "status": r["status"]}
+                        for r in ledger.phases_of(run_id)]
+    data["record"] = rec
+    write_atomic(run_dir / SUMMARY, json.dumps(data, indent=2, default=str))
 
 
 __all__ = ["Options", "output_root", "run", "summary"]

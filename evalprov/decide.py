@@ -169,6 +169,31 @@ def task_action(p: Plan, t: TaskRun, index: int, inputs: Inputs, f: HostFacts | 
     }
 
 
+def provenance_spec(p: Plan, hp: Any) -> dict[str, Any]:
+    """What the eval module reads on a host for the run's reproducibility record: each
+    instance's /version and image, the images' digests, the model's content hash (a
+    checkpoint) or HF revision, the harness versions (the task images or the venv)."""
+    if not hp.tasks:
+        return {}
+    docker = p.runtime == "docker"
+    model: dict[str, Any] = {}
+    if hp.instances:
+        inst = hp.instances[0]
+        cache = dict(inst.env).get("HF_HOME") or next(
+            (m.source for m in inst.mounts if not m.read_only), "")
+        model = {"kind": inst.model.kind, "ref": inst.model.ref,
+                 "hf_cache": cache or f"{p.work_dir}/hf-cache"}
+    return {
+        "runtime": p.runtime,
+        "instances": [{"name": i.name, "port": i.port} for i in hp.instances],
+        "images": [p.image] if docker and p.image and hp.instances else [],
+        "model": model,
+        "hash_cache": f"{p.work_dir}/checkpoint-hashes.json",
+        "harness_venv": "" if docker else p.harness_venv,
+        "harness_images": sorted({t.container for t in hp.tasks}) if docker else [],
+    }
+
+
 def role_vars(p: Plan, a: HostActions, inputs: Inputs, f: HostFacts) -> dict[str, Any]:
     """The per-host variables of the serve play's roles: actions only."""
     hp = p.host(a.host)
@@ -185,6 +210,7 @@ def role_vars(p: Plan, a: HostActions, inputs: Inputs, f: HostFacts) -> dict[str
         "evalprov_eval_ship_samples": ship,
         "evalprov_eval_run_dir": f"{p.work_dir}/runs/{inputs.run_id}",
         "evalprov_eval_tasks": [task_action(p, t, k, inputs, f) for k, t in enumerate(hp.tasks)],
+        "evalprov_eval_provenance": provenance_spec(p, hp),
     }
 
 

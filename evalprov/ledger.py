@@ -78,8 +78,20 @@ def _to_v2(db: sqlite3.Connection) -> None:
     db.execute("CREATE INDEX IF NOT EXISTS task_runs_run ON task_runs (run_id)")
 
 
+def _to_v3(db: sqlite3.Connection) -> None:
+    """See the run: the GPUs each instance holds (GPU-hours), the run's reproducibility
+    record (JSON), and each host's timeline (one row per phase: probe, pull, start,
+    healthy, eval, fetch, with the controller's clock)."""
+    db.execute("ALTER TABLE deployments ADD COLUMN gpus INTEGER")
+    db.execute("ALTER TABLE runs ADD COLUMN record TEXT")
+    db.execute("""CREATE TABLE IF NOT EXISTS phases (
+  run_id TEXT NOT NULL, host TEXT NOT NULL, phase TEXT NOT NULL, started REAL, finished REAL,
+  status TEXT NOT NULL, PRIMARY KEY (run_id, host, phase)
+)""")
+
+
 # MIGRATIONS[n] takes the schema from version n to n + 1; append, never edit a shipped step
-MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_to_v1, _to_v2)
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_to_v1, _to_v2, _to_v3)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -234,17 +246,19 @@ class Ledger:
                        "WHERE run_id = ? AND status IN ('pending', 'running')", (now, run_id))
 
     def record_deployment(self, run_id: str, host: str, instance: str, spec_hash: str,
-                          port: int, status: str, error: str | None = None) -> None:
-        """This run's state of an instance; earlier runs' rows of the same instance say it
-        is now this run's (so no older run still claims it serves)."""
+                          port: int, status: str, error: str | None = None,
+                          gpus: int | None = None) -> None:
+        """This run's state of an instance (gpus: how many it holds, for GPU-hours); earlier
+        runs' rows of the same instance say it is now this run's (so no older run still
+        claims it serves)."""
         with self._tx() as db:
             db.execute("UPDATE deployments SET status = ?, updated = ? WHERE host = ? AND "
                        "instance = ? AND run_id != ? AND status IN ('serving', 'failed')",
                        (f"superseded by {run_id}", time.time(), host, instance, run_id))
             db.execute(
                 "INSERT OR REPLACE INTO deployments (run_id, host, instance, spec_hash, port, "
-                "status, error, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (run_id, host, instance, spec_hash, port, status, error, time.time()))
+                "status, error, updated, gpus) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (run_id, host, instance, spec_hash, port, status, error, time.time(), gpus))
 
     def mark_gone(self, host: str, instances: list[str], status: str = "destroyed") -> None:
         """Instances that no longer run on a host (destroy removed them): every run's row
@@ -284,6 +298,20 @@ class Ledger:
                 "WHERE run_id = ? AND host = ? AND task = ?",
                 (v["status"], time.time(), v["seconds"], v["result_dir"], v["metric"],
                  v["score"], v["samples"], v["error"], run_id, record.host, record.task))
+
+    def record_phases(self, run_id: str,
+                      rows: list[tuple[str, str, float | None, float | None, str]]) -> None:
+        """rows: (host, phase, started, finished, status) of this run's timeline."""
+        with self._tx() as db:
+            db.executemany(
+                "INSERT OR REPLACE INTO phases (run_id, host, phase, started, finished, status) "
+                "VALUES (?, ?, ?, ?, ?, ?)", [(run_id, *r) for r in rows])
+
+    def set_record(self, run_id: str, record: dict[str, Any]) -> None:
+        """The run's reproducibility record (provenance.build: never a secret value)."""
+        with self._tx() as db:
+            db.execute("UPDATE runs SET record = ? WHERE run_id = ?",
+                       (json.dumps(record, sort_keys=True, default=str), run_id))
 
     # ------------------------------------------------------------------ reads
 
@@ -325,6 +353,20 @@ class Ledger:
     def deployments_of(self, run_id: str) -> list[sqlite3.Row]:
         return self._read("SELECT * FROM deployments WHERE run_id = ? ORDER BY host, instance",
                           (run_id,))
+
+    def phases_of(self, run_id: str) -> list[sqlite3.Row]:
+        return self._read("SELECT * FROM phases WHERE run_id = ? ORDER BY host, started",
+                          (run_id,))
+
+    def record_of(self, run_id: str) -> dict[str, Any] | None:
+        rows = self._read("SELECT record FROM runs WHERE run_id = ?", (run_id,))
+        if not rows or not rows[0]["record"]:
+            return None
+        try:
+            data = json.loads(rows[0]["record"])
+        except ValueError:
+            return None
+        return data if isinstance(data, dict) else None
 
 
 def lock_info(argv: list[str] | None = None) -> str:

@@ -201,12 +201,25 @@ def records(summary: dict[str, Any]) -> list[TaskRecord]:
 def rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"task": r.task, "host": r.host, "status": r.status, "metric": r.metric or "",
              "score": r.score, "samples": r.samples, "seconds": r.seconds,
-             "error": r.error or ""} for r in records(summary)]
+             "gpu_hours": r.extra.get("gpu_hours"), "error": r.error or ""}
+            for r in records(summary)]
+
+
+def usage_line(summary: dict[str, Any]) -> str:
+    """The run's GPU-hours (GPUs held x the run's wall time), when the summary has them."""
+    use = summary.get("usage")
+    if not isinstance(use, dict):
+        return ""
+    total = use.get("gpu_hours")
+    if total is None:
+        return "gpu-hours: unknown (the ledger has no GPU count for some instance)"
+    return (f"gpu-hours: {total:.4f} ({use.get('gpus')} GPU(s) held for "
+            f"{float(use.get('seconds') or 0):.1f} s)")
 
 
 def render(summary: dict[str, Any], fmt: str) -> str:
     data = rows(summary)
-    cols = ["task", "host", "status", "metric", "score", "samples", "seconds"]
+    cols = ["task", "host", "status", "metric", "score", "samples", "seconds", "gpu_hours"]
     if fmt == "json":
         return json.dumps({**summary, "tasks": _entries(summary["tasks"])}, indent=2,
                           default=str)
@@ -234,6 +247,8 @@ def render(summary: dict[str, Any], fmt: str) -> str:
     for r in data:
         if r["error"]:
             lines.append(f"error: {r['host']}/{r['task']}: {r['error'][:300]}")
+    if usage_line(summary):
+        lines.append(usage_line(summary))
     return "\n".join(lines)
 
 

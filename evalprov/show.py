@@ -98,9 +98,11 @@ def _when(ts: float | None) -> str:
     return time.strftime("%H:%M:%S", time.localtime(ts)) if ts else "-"
 
 
-def status_text(run, deployments, tasks: Iterable[TaskRecord | Any]) -> str:
+def status_text(run, deployments, tasks: Iterable[TaskRecord | Any], usage: Any = None) -> str:
     """A run from the ledger: header, instances, then every task attempt (TaskRecords, or
-    ledger task_runs rows)."""
+    ledger task_runs rows); with usage (usage.gpu_hours), GPU-hours per task and run."""
+    from evalprov.usage import fmt
+
     records = [t if isinstance(t, TaskRecord) else TaskRecord.from_row(t) for t in tasks]
     lines = [f"run {run['run_id']}  {run['status']}  started {_when(run['started'])}  "
              f"finished {_when(run['finished'])}  config {run['config']}"]
@@ -112,16 +114,21 @@ def status_text(run, deployments, tasks: Iterable[TaskRecord | Any]) -> str:
                          f"{d['status']:<8} {d['spec_hash']}")
     lines.append("")
     lines.append(f"{'host':<20} {'task':<24} {'state':<12} {'try':>3} {'start':>8} "
-                 f"{'secs':>7} {'score':>7}  error")
+                 f"{'secs':>7} {'score':>7}" + (f" {'gpu-h':>8}" if usage else "") + "  error")
     for t in records:
         secs = f"{t.seconds:.1f}" if t.seconds is not None else "-"
         score = f"{t.score:.4f}" if t.score is not None else "-"
         err = (t.error or "")[:120]
         attempt = "-" if t.attempt is None else t.attempt
+        gpu_h = f" {fmt(usage.task(t.host, t.task)):>8}" if usage else ""
         lines.append(f"{t.host:<20} {t.task:<24} {t.status:<12} {attempt:>3} "
-                     f"{_when(t.started):>8} {secs:>7} {score:>7}  {err}")
+                     f"{_when(t.started):>8} {secs:>7} {score:>7}{gpu_h}  {err}")
     if not records:
         lines.append("(no task ran in this run)")
+    if usage:
+        held = "unknown" if usage.gpus is None else usage.gpus
+        lines.append(f"gpu-hours: {fmt(usage.gpu_hours)} ({held} GPU(s) held for "
+                     f"{usage.seconds or 0:.1f} s{'' if run['finished'] else ', so far'})")
     return "\n".join(lines)
 
 

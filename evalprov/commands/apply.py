@@ -41,6 +41,11 @@ def provision(args: argparse.Namespace, playbook: str) -> int:
     _, result, run_dir = apply.run(loaded, hosts, opts, playbook)
     text, code = apply.summary(result, opts.check)
     print(text)
+    if playbook == "site.yml" and not opts.check and (run_dir / "summary.json").exists():
+        from evalprov.export import auto_export
+
+        for line in auto_export(loaded.config, run_dir):  # NEL's execution.auto_export
+            print(line, file=sys.stderr)
     if code == 1 and playbook == "site.yml":  # (an interrupt says its own next step)
         print(f"next: fix the errors above, then run the same evalprov apply again "
               f"(logs under {run_dir})", file=sys.stderr)

@@ -11,6 +11,7 @@ from evalprov.errors import EvalprovError, Exit
 def run(args: argparse.Namespace) -> int:
     from evalprov.ledger import DB_NAME, Ledger
     from evalprov.show import status_text
+    from evalprov.usage import gpu_hours
 
     out = output_dir(args)
     if not (out / DB_NAME).exists():
@@ -18,8 +19,9 @@ def run(args: argparse.Namespace) -> int:
                             "execution.output_dir) or -c CONFIG")
     with Ledger(out) as ledger:
         run = ledger.run(args.run)
-        print(status_text(run, ledger.deployments_of(run["run_id"]),
-                          ledger.task_records(run["run_id"])))
+        deployments = ledger.deployments_of(run["run_id"])
+        use = gpu_hours(run, deployments, ledger.tasks_of(run["run_id"]))
+        print(status_text(run, deployments, ledger.task_records(run["run_id"]), use))
     return Exit.OK
 
 

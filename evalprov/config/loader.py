@@ -49,6 +49,8 @@ class LoadedConfig:
     config: Config
     warnings: list[str] = field(default_factory=list)
     source: str = ""
+    # the composed config before interpolation (the run's record shows ${oc.env:NAME} forms)
+    composed: dict[str, Any] | None = None
 
 
 # --------------------------------------------------------------------------- reading
@@ -623,6 +625,7 @@ def load_config(
     except ConfigError as exc:
         raise ConfigError(*scrub(exc.lines, secrets)) from None
     loaded.source = str(path)
+    loaded.composed = composed
     return loaded
 
 

@@ -648,10 +648,8 @@ class Config(_EnvVarsMixin):
 NOT_ACTED_ON: list[tuple[str, Any]] = [
     ("execution.mounts", {}),
     ("execution.env_vars", {}),
-    ("execution.auto_export", None),
     ("execution.extra_docker_args", ""),
     ("auxiliary_deployments", {}),
-    ("export", None),
     ("deployment.cache_path", None),
     ("deployment.pre_cmd", ""),
     ("deployment.base_command", None),

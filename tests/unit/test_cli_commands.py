@@ -55,6 +55,9 @@ FAILING = {
     ("logs",): ["logs", "--output-dir", "{out}/nope"],
     ("status",): ["status", "--output-dir", "{out}"],
     ("ls", "tasks"): ["ls", "tasks", "--harness", "nope"],
+    ("report",): ["report", "--output-dir", "{out}/nope"],
+    ("compare",): ["compare", "a", "b", "--output-dir", "{out}/nope"],
+    ("export",): ["export", "--to", "json", "--output-dir", "{out}/nope"],
 }
 
 

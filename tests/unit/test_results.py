@@ -85,7 +85,7 @@ def test_collect_unpacks_scores_failures_and_missing_hosts(tmp_path):
     summary = results.load_summary(results.find_run(tmp_path, "r"))  # prefix
     table = results.render(summary, "table")
     assert table.splitlines()[0].split() == ["task", "host", "status", "metric", "score",
-                                             "samples", "seconds"]
+                                             "samples", "seconds", "gpu_hours"]
     assert "error: h1/gpqa_diamond" in table
     csv = results.render(summary, "csv").splitlines()
     assert csv[1].startswith("ifeval,h1,succeeded,prompt_level_strict_acc.")

@@ -186,3 +186,204 @@ def stop_group(pid, grace=10.0):
             except ProcessLookupError:
                 return
             time.sleep(0.1)
+
+
+# ---------------------------------------------------------------------------- provenance
+#
+# What a run's reproducibility record needs from the host, read once per run by the eval
+# module: the vLLM version each instance reports, the image each one runs (id and repo
+# digests, as `docker image inspect` shows them), the model's content hash or HF revision,
+# and the harness package versions. A fact that cannot be read is None with the reason.
+
+# Prints the versions of NVIDIA's harness packages as JSON (run by the harness's python).
+HARNESS_VERSIONS = (
+    "import importlib.metadata as m, json\n"
+    "out = {}\n"
+    "for d in m.distributions():\n"
+    "    n = (d.metadata['Name'] or '').lower().replace('_', '-')\n"
+    "    if n.startswith(('nemo-evaluator', 'nvidia-', 'lm-eval')):\n"
+    "        out[n] = d.version\n"
+    "print(json.dumps(out, sort_keys=True))\n"
+)
+
+
+def vllm_version(port):
+    """(version, reason) from the server's /version endpoint."""
+    status, body = http_get(f"http://127.0.0.1:{int(port)}/version", timeout=5)
+    if status != 200:
+        return None, f"/version on port {port} answered {status or 'nothing'}"
+    try:
+        version = json.loads(body).get("version")
+    except (ValueError, AttributeError):
+        version = None
+    if not isinstance(version, str) or not version:
+        return None, f"/version on port {port} has no version"
+    return version, ""
+
+
+def image_info(ref):
+    """The image as `docker image inspect` reports it: id, repo digests, tags."""
+    status, img = docker_api(f"/images/{quote(ref)}/json")
+    if status != 200 or not isinstance(img, dict):
+        return {"id": None, "repo_digests": None, "repo_tags": None,
+                "reason": f"dockerd has no image {ref} ({status or 'no answer'})"}
+    return {"id": img.get("Id"), "repo_digests": sorted(img.get("RepoDigests") or []),
+            "repo_tags": sorted(img.get("RepoTags") or [])}
+
+
+def _file_sha256(path, deadline):
+    import hashlib
+    import time
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(1 << 20)
+            if not chunk:
+                return h.hexdigest()
+            h.update(chunk)
+            if time.monotonic() > deadline:
+                return None
+
+
+def checkpoint_hash(path, cache_file, budget=1800.0):
+    """The content hash of a checkpoint directory: sha256 of the sorted manifest
+    `<sha256 of the file>  <size>  <relative path>`, one line per file. File hashes are
+    cached by (path, size, mtime) in cache_file, so a later run hashes only what changed;
+    hashing stops after `budget` seconds (None, the reason; the next run goes on)."""
+    import hashlib
+    import time
+
+    if not os.path.isdir(path):
+        return {"sha256": None, "reason": f"{path} is not a directory on the host"}
+    try:
+        with open(cache_file) as f:
+            cache = json.load(f)
+        if not isinstance(cache, dict):
+            cache = {}
+    except (OSError, ValueError):
+        cache = {}
+    deadline = time.monotonic() + budget
+    lines, total, hashed, stopped = [], 0, 0, False
+    files = []
+    for root, dirs, names in os.walk(path):
+        dirs.sort()
+        files.extend(os.path.join(root, n) for n in names)
+    for full in sorted(files):
+        rel = os.path.relpath(full, path)
+        try:
+            st = os.stat(full)
+        except OSError:
+            continue
+        if not os.path.isfile(full):
+            continue
+        key = f"{os.path.realpath(full)}\x00{st.st_size}\x00{st.st_mtime_ns}"
+        digest = cache.get(key)
+        if digest is None and not stopped:
+            try:
+                digest = _file_sha256(full, deadline)
+            except OSError as exc:
+                return {"sha256": None, "reason": f"cannot read {rel}: {exc.strerror}"}
+            if digest is None:
+                stopped = True
+            else:
+                cache[key] = digest
+                hashed += 1
+        total += st.st_size
+        lines.append(f"{digest}  {st.st_size}  {rel}")
+    try:
+        os.makedirs(os.path.dirname(cache_file), exist_ok=True)
+        tmp = cache_file + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(cache, f)
+        os.replace(tmp, cache_file)
+    except OSError:
+        pass
+    if stopped:
+        return {"sha256": None, "files": len(lines), "bytes": total,
+                "reason": f"hashing stopped after {budget:g} s; the hashes so far are cached "
+                          "and the next run goes on"}
+    manifest = "\n".join(lines).encode()
+    return {"sha256": hashlib.sha256(manifest).hexdigest(), "files": len(lines),
+            "bytes": total, "hashed_now": hashed}
+
+
+def hf_revision(cache_dir, repo_id, ref="main"):
+    """The commit an HF id resolves to in the HF cache (refs/<ref> of its repo folder)."""
+    folder = "models--" + repo_id.replace("/", "--")
+    for base in (os.path.join(cache_dir, "hub"), cache_dir):
+        refs = os.path.join(base, folder, "refs", ref)
+        try:
+            with open(refs) as f:
+                return {"id": repo_id, "revision": f.read().strip() or None, "ref": ref}
+        except OSError:
+            continue
+    return {"id": repo_id, "revision": None,
+            "reason": f"{repo_id} is not in the HF cache {cache_dir} (no refs/{ref})"}
+
+
+def harness_versions(argv, timeout=120):
+    """({package: version}, reason) printed by HARNESS_VERSIONS run with argv's python."""
+    import subprocess
+
+    try:
+        proc = subprocess.run([*argv, HARNESS_VERSIONS], capture_output=True, text=True,
+                              timeout=timeout, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return None, f"cannot run {argv[0]}: {exc}"
+    if proc.returncode != 0:
+        return None, (f"{' '.join(argv[:4])} exited {proc.returncode}: "
+                      f"{(proc.stderr or proc.stdout).strip()[-300:]}")
+    try:
+        found = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return None, "the version script printed no JSON"
+    if not found:
+        return None, "no nemo-evaluator or nvidia-* harness package is installed there"
+    return found, ""
+
+
+def provenance(spec):
+    """Everything above for one host, as planned by evalprov (spec: runtime, instances
+    [{name, port}], images, model {kind, ref, hf_cache}, hash_cache, harness_venv,
+    harness_images)."""
+    import shutil
+
+    docker = spec.get("runtime") == "docker"
+    out = {"instances": {}, "images": {}, "model": None, "harness": {}}
+    image_ids = []
+    for inst in spec.get("instances") or []:
+        version, reason = vllm_version(inst["port"])
+        entry = {"vllm_version": version}
+        if reason:
+            entry["vllm_version_reason"] = reason
+        if docker:
+            status, c = docker_api(f"/containers/{quote(inst['name'])}/json")
+            entry["image_id"] = c.get("Image") if status == 200 and isinstance(c, dict) else None
+            if entry["image_id"]:
+                image_ids.append(entry["image_id"])
+        out["instances"][inst["name"]] = entry
+    if docker:
+        for ref in [*(spec.get("images") or []), *image_ids]:
+            if ref and ref not in out["images"]:
+                out["images"][ref] = image_info(ref)
+    model = spec.get("model") or {}
+    if model.get("kind") == "checkpoint":
+        out["model"] = {"kind": "checkpoint", "path": model.get("ref"),
+                        **checkpoint_hash(model.get("ref") or "", spec.get("hash_cache")
+                                          or "/var/lib/evalprov/checkpoint-hashes.json")}
+    elif model.get("kind") == "hf":
+        out["model"] = {"kind": "hf", **hf_revision(model.get("hf_cache") or "",
+                                                    model.get("ref") or "")}
+    if docker:
+        exe = shutil.which("docker") or "docker"
+        for image in spec.get("harness_images") or []:
+            found, reason = harness_versions(
+                [exe, "run", "--rm", "--network", "none", "--entrypoint", "python3", image,
+                 "-c"])
+            out["harness"][image] = {"versions": found, **({"reason": reason} if reason else {})}
+    elif spec.get("harness_venv"):
+        venv = spec["harness_venv"]
+        found, reason = harness_versions([os.path.join(venv, "bin", "python"), "-c"])
+        out["harness"][venv] = {"versions": found, **({"reason": reason} if reason else {})}
+    return out

@@ -50,6 +50,12 @@ options:
     description: Log lines returned for a failed task.
     type: int
     default: 40
+  provenance:
+    description: What to read for the run's reproducibility record while the tasks run
+      (runtime, instances, images, model, hash_cache, harness_venv, harness_images);
+      returned as provenance. Empty reads nothing.
+    type: dict
+    default: {}
 author: evalprov
 """
 
@@ -57,7 +63,10 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible_collections.evalprov.fleet.plugins.module_utils.evalprov_host import write_pid
+from ansible_collections.evalprov.fleet.plugins.module_utils.evalprov_host import (
+    provenance,
+    write_pid,
+)
 from ansible_collections.evalprov.fleet.plugins.module_utils.evalprov_tasks import (
     remove_stale_containers,
     run_one,
@@ -75,6 +84,7 @@ def main():
             "env": {"type": "dict", "default": {}, "no_log": True},
             "timeout": {"type": "int", "default": 86400},
             "log_lines": {"type": "int", "default": 40},
+            "provenance": {"type": "dict", "default": {}},
         },
         supports_check_mode=True,
     )
@@ -86,9 +96,16 @@ def main():
     write_pid(os.path.join(p["run_dir"], "run_tasks.pid"), os.getpid())
     if p["runtime"] == "docker":
         remove_stale_containers(p["owner"])
-    with ThreadPoolExecutor(max_workers=max(1, p["concurrency"])) as pool:
-        done = list(pool.map(lambda t: run_one(p, t), p["tasks"]))
-    module.exit_json(changed=bool(done), tasks=done,
+    with ThreadPoolExecutor(max_workers=1) as side:
+        # the record's facts are read while the tasks run (the servers are up)
+        facts = side.submit(provenance, p["provenance"]) if p["provenance"] else None
+        with ThreadPoolExecutor(max_workers=max(1, p["concurrency"])) as pool:
+            done = list(pool.map(lambda t: run_one(p, t), p["tasks"]))
+        try:
+            record = facts.result() if facts else None
+        except Exception as exc:  # a record is never worth failing the tasks for
+            record = {"error": f"{type(exc).__name__}: {exc}"}
+    module.exit_json(changed=bool(done), tasks=done, provenance=record,
                      failed_tasks=[t["name"] for t in done if t["rc"] != 0])
 
 
