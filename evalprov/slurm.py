@@ -230,13 +230,24 @@ def job_summary(job: dict[str, Any]) -> str:
     return f"{text}: {job['message']}" if job.get("message") else text
 
 
+ENDED_EARLY = ("TIMEOUT", "CANCELLED", "PREEMPTED", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+               "DEADLINE")
+
+
 def explain_missing(records: list[dict[str, Any]], job: dict[str, Any]) -> None:
-    """A task that brought no results home failed with its job: say how the job ended
-    (cancelled, timed out, preempted, the server died) instead of "missing"."""
+    """A task that did not succeed in a job that ended early (time limit, scancel,
+    preemption, a dead node) failed because of how the job ended: say so first, then what
+    the task itself left (a task that brought nothing home is failed, not "missing")."""
+    ended = [j for j in job.get("jobs") or [] if j.get("state") in ENDED_EARLY
+             and j.get("reason") != "DependencyNeverSatisfied"]
     for rec in records:
-        if rec.get("status") == "missing":
+        if rec.get("status") == "succeeded":
+            continue
+        own, missing = rec.get("error"), rec.get("status") == "missing"
+        if missing or ended:
+            why = f"the Slurm job ended before the task finished ({job_summary(job)})"
             rec["status"] = "failed"
-            rec["error"] = f"the Slurm job ended before the task finished ({job_summary(job)})"
+            rec["error"] = why if missing or not own else f"{why}; {own}"
 
 
 def empty_checked(problems: list[str]) -> Checked:
