@@ -18,14 +18,25 @@ import signal
 import sys
 
 from evalprov import __version__
-from evalprov.commands import apply, destroy, inventory, logs, ls, plan, results, status, validate
+from evalprov.commands import (
+    apply,
+    destroy,
+    inventory,
+    logs,
+    ls,
+    migrate,
+    plan,
+    results,
+    status,
+    validate,
+)
 from evalprov.commands.common import Command, Parser, debug_flag
 from evalprov.errors import EvalprovError, Exit
 
 __all__ = ["COMMANDS", "PIPE_EXIT", "build_parser", "main"]
 
 COMMANDS: tuple[Command, ...] = tuple(m.COMMAND for m in (
-    validate, plan, inventory, apply, destroy, results, logs, status, ls))
+    validate, migrate, plan, inventory, apply, destroy, results, logs, status, ls))
 
 # a process killed by SIGPIPE reports 128 + 13 to the shell (`seq 1e6 | head -1` under
 # pipefail); evalprov exits with the same status, without a traceback

@@ -208,6 +208,8 @@ def env_value(raw: Any) -> tuple[Any, str]:
         # NEL <=0.1.88 resolved it into the config; 0.1.89 refuses it, migrating to host:
         dropped = "; its default is not used: host: needs the variable set" if m.group(2) else ""
         return f"host:{m.group(1)}", f"${{oc.env:...}} is host: since NEL 0.1.89{dropped}"
+    if text.isdigit():
+        return f"lit:{text}", "a number is a literal (NEL 0.1.89 writes lit:)"
     if text.startswith("$") and _NAME.fullmatch(text[1:]):
         return f"host:{text[1:]}", "$NAME reads NAME on the host (NEL 0.1.89 writes host:)"
     if _NAME.fullmatch(text):
@@ -290,6 +292,20 @@ def _username(data: dict[str, Any], changes: list[Change]) -> None:
                               "an unset USER leaves the SSH user to ssh's config"))
 
 
+def _walltime(data: dict[str, Any], changes: list[Change]) -> None:
+    # YAML 1.1 reads an unquoted 02:00:00 as the integer 7200 (NEL 0.1.0-0.2.6 refuses it;
+    # evalprov reads it as that time): written as the quoted time it means.
+    exe = data.get("execution")
+    for key in ("walltime", "max_walltime"):
+        value = exe.get(key) if isinstance(exe, dict) else None
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            h, rest = divmod(value, 3600)
+            exe[key] = f"{h:02d}:{rest // 60:02d}:{rest % 60:02d}"
+            changes.append(Change(f"execution.{key}", f"execution.{key}",
+                                  "quoted: YAML 1.1 reads an unquoted time as seconds",
+                                  legacy=False))
+
+
 # --------------------------------------------------------------------------- task names
 
 
@@ -339,7 +355,7 @@ def _task_names(data: dict[str, Any], changes: list[Change]) -> None:
 
 
 RULES = (_evaluation, _execution_env_vars, _env_values, _multiple_instances,
-         _api_key_placeholder, _username, _task_names)
+         _api_key_placeholder, _username, _walltime, _task_names)
 
 
 def normalise(data: dict[str, Any]) -> tuple[dict[str, Any], list[Change]]:

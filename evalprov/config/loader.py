@@ -412,6 +412,9 @@ def _check_strict(base: dict[str, Any] | None, ov: overrides.Override) -> None:
     if ov.op == "delete" and not overrides.has(base, ov.keys):
         raise ConfigError(f"-o {_short(ov.text)}: {ov.dotted} is not in the config; nothing "
                           "to delete (check the key path)")
+    if ov.op == "delete" and ov.has_value and overrides.get(base, ov.keys) != ov.value:
+        raise ConfigError(f"-o {_short(ov.text)}: {ov.dotted} does not hold that value, so "
+                          "it is not deleted; give its value or just ~key")
 
 
 def load_user(
@@ -446,7 +449,10 @@ def load_user(
         raise ConfigError(*scrub(exc.lines, secrets)) from None
     loaded.source = source
     loaded.changes = changes + [c for c in late if c not in changes]
-    loaded.env_reads, loaded.env_forms = secrets, forms
+    read = {name for name, _ in secrets}
+    loaded.env_reads = secrets
+    loaded.env_forms = {path: form for path, form in forms.items()
+                        if any(f"oc.env:{name}" in form.replace(" ", "") for name in read)}
     loaded.warnings = _legacy_warning(loaded.changes, source) + loaded.warnings
     return loaded
 
