@@ -113,6 +113,9 @@ def _overrides(section: dict[str, Any], where: str, changes: list[Change]) -> li
     if not isinstance(target, dict):
         target = section["nemo_evaluator_config"] = {}
     keys = []
+    if not raw:
+        changes.append(Change("", _join(where, "overrides"), "removed the empty overrides "
+                              "(NEL 0.1.47 refuses the field)"))
     for dotted, value in _flatten(raw):
         if isinstance(value, str):
             value = value.strip("\n")  # NEL 0.1.0 stripped newlines of override values
@@ -167,6 +170,11 @@ def _execution_env_vars(data: dict[str, Any], changes: list[Change]) -> None:
         if not isinstance(block, dict):
             continue
         env.pop(sub)
+        if not block:
+            changes.append(Change("", f"execution.env_vars.{sub}", f"removed the empty "
+                                  f"execution.env_vars.{sub} (NEL 0.1.89 reads "
+                                  f"{section}.env_vars, #703)"))
+            continue
         if not isinstance(data.get(section), dict):
             data[section] = {}
         dest = data[section].get("env_vars")
