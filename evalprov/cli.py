@@ -26,6 +26,7 @@ from evalprov.commands import (
     inventory,
     logs,
     ls,
+    migrate,
     plan,
     report,
     results,
@@ -38,7 +39,7 @@ from evalprov.errors import EvalprovError, Exit
 __all__ = ["COMMANDS", "PIPE_EXIT", "build_parser", "main"]
 
 COMMANDS: tuple[Command, ...] = tuple(m.COMMAND for m in (
-    validate, plan, inventory, apply, destroy, results, logs, status, ls, report, compare,
+    validate, migrate, plan, inventory, apply, destroy, results, logs, status, ls, report, compare,
     export))
 
 # a process killed by SIGPIPE reports 128 + 13 to the shell (`seq 1e6 | head -1` under

@@ -1,47 +1,43 @@
-"""Load a NEL-style config: defaults list, -o overrides, interpolation, validation.
+"""Load a NEL config of any NEL version: normalise, compose, override, interpolate, validate.
 
-    compose(file, overrides)  ->  dict   (packaged defaults merged with the user's file)
-    load_config(file, ...)    ->  LoadedConfig(config, warnings)
+    read_yaml(file)                      ->  dict   the user's file (bounded, safe YAML)
+    normalise(dict)                      ->  dict   NEL's older schemas in the current one
+                                                    (generations.py)
+    compose(dict, default_execution)     ->  dict   the defaults list with OmegaConf
+                                                    (compose.py)
+    -o overrides (Hydra grammar)                    (overrides.py)
+    interpolate(dict, environ)           ->  dict   ${path}, ${oc.env:VAR[,default]}
+    validate(dict, user)                 ->  LoadedConfig(config, warnings)
 
-Every problem becomes one line naming the field, the value and the fix (ConfigError).
+Every problem becomes one line naming the field, the value and the fix (ConfigError); no line
+and no printed config shows a value read from the environment.
 """
 
 from __future__ import annotations
 
 import copy
 import difflib
-import os
 import re
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from evalprov.config import overrides
+from evalprov.config.compose import (  # noqa: F401  (the loader's public names)
+    MISSING,
+    SUPPORTED,
+    UNSUPPORTED,
+    compose,
+    interpolate,
+)
+from evalprov.config.generations import Change, normalise
 from evalprov.config.models import NOT_ACTED_ON, Config
-from evalprov.config.safeyaml import MAX_DEPTH, load_text, read_bounded
+from evalprov.config.safeyaml import load_text, read_bounded
 from evalprov.config.tasks import task_table
 from evalprov.errors import ConfigError
-
-SUPPORTED = {
-    "execution": ("baremetal", "local", "slurm/default"),
-    "deployment": ("vllm", "none"),
-}
-# Options NEL has that evalprov does not run: an "unsupported" error, not "unknown".
-UNSUPPORTED = {
-    "execution": ("lepton", "lepton/default"),
-    "deployment": ("sglang", "nim", "trtllm", "vllm_ray", "generic"),
-}
-_TYPE_TO_OPTION = {"slurm": "slurm/default", "lepton": "lepton/default"}
-MISSING = "???"
-_INTERP = re.compile(r"\$\{([^${}]+)\}")
-_DOTTED = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
-# Interpolation may copy subtrees (${path}) and concatenate strings: bound the work.
-MAX_RESOLUTIONS = 10_000
-MAX_INTERP_NODES = 200_000
-MAX_INTERP_STRING = 1024 * 1024
 
 
 @dataclass
@@ -49,6 +45,10 @@ class LoadedConfig:
     config: Config
     warnings: list[str] = field(default_factory=list)
     source: str = ""
+    changes: list[Change] = field(default_factory=list)  # legacy forms normalised
+    # values read through ${oc.env:NAME}: (NAME, value), and field path -> the form written
+    env_reads: list[tuple[str, str]] = field(default_factory=list)
+    env_forms: dict[str, str] = field(default_factory=dict)
     # the composed config before interpolation (the run's record shows ${oc.env:NAME} forms)
     composed: dict[str, Any] | None = None
 
@@ -80,65 +80,17 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def _packaged(group: str, option: str) -> dict[str, Any]:
-    parts = f"{option}.yaml".split("/")
-    ref = resources.files("evalprov.config").joinpath("defaults", group, *parts)
-    return load_text(ref.read_text(), source=f"packaged defaults {'/'.join(parts)}") or {}
-
-
 # --------------------------------------------------------------------------- overrides
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """``a.b.c=value`` with YAML typing of the value (``-o x.y=false`` is a real False)."""
-    key, sep, raw = text.partition("=")
-    key = key.strip()
-    if not sep or not key or not _DOTTED.fullmatch(key):
-        raise ConfigError(
-            f"-o {_short(text)}: an override is key.path=value, e.g. -o deployment.port=8001"
-        )
-    parts = key.split(".")
-    if len(parts) > MAX_DEPTH:
-        raise ConfigError(f"-o {_short(text)}: the key path has {len(parts)} parts; a config "
-                          f"field is at most {MAX_DEPTH} levels deep")
-    try:
-        value = load_text(raw, source=f"-o {_short(text)}", prefix=key) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return parts, value
-
-
-def _indices(node: list[Any]) -> str:
-    if not node:
-        return "the list is empty; add the items in the config file"
-    return f"use 0..{len(node) - 1}"
+    """``a.b.c=value`` (or +, ++, ~ forms) -> (key path, YAML-typed value)."""
+    ov = overrides.parse(text)
+    return list(ov.keys), ov.value
 
 
 def apply_override(data: dict[str, Any], path: list[str], value: Any, text: str) -> None:
-    node: Any = data
-    for i, part in enumerate(path[:-1]):
-        nxt = path[i + 1]
-        if isinstance(node, list):
-            if not part.isdigit() or int(part) >= len(node):
-                raise ConfigError(f"-o {_short(text)}: {'.'.join(path[:i + 1])} is not an index "
-                                  f"of a list of {len(node)}; {_indices(node)}")
-            node = node[int(part)]
-            continue
-        if not isinstance(node, dict):
-            raise ConfigError(f"-o {_short(text)}: {'.'.join(path[:i])} is not a mapping")
-        if part not in node or node[part] is None:
-            node[part] = [] if nxt.isdigit() else {}
-        node = node[part]
-    last = path[-1]
-    if isinstance(node, list):
-        if not last.isdigit() or int(last) >= len(node):
-            raise ConfigError(f"-o {_short(text)}: {'.'.join(path)} is not an index of a list of "
-                              f"{len(node)}; {_indices(node)}")
-        node[int(last)] = value
-    elif isinstance(node, dict):
-        node[last] = value
-    else:
-        raise ConfigError(f"-o {_short(text)}: {'.'.join(path[:-1])} is not a mapping")
+    overrides.set_value(data, tuple(path), value, text)
 
 
 # --------------------------------------------------------------------------- composition
@@ -154,212 +106,6 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key] = copy.deepcopy(value)
     return out
-
-
-def _defaults_entries(raw: Any) -> list[Any]:
-    if raw is None:
-        return []
-    if not isinstance(raw, list):
-        raise ConfigError(
-            "defaults: must be a list such as [{execution: local}, {deployment: vllm}, _self_]"
-        )
-    return raw
-
-
-def _choose(group: str, option: Any, where: str = "defaults") -> str:
-    option = str(option)
-    if option in SUPPORTED[group]:
-        return option
-    if option in UNSUPPORTED[group] or option.split("/")[0] in UNSUPPORTED[group]:
-        raise ConfigError(
-            f"{group}: {_short(option)} is unsupported by evalprov; supported: "
-            f"{', '.join(SUPPORTED[group])}"
-        )
-    close = difflib.get_close_matches(option, SUPPORTED[group], n=1)
-    hint = f"did you mean {close[0]}?" if close else f"use one of {', '.join(SUPPORTED[group])}"
-    raise ConfigError(f"{where}: unknown {group} {_short(option)}; {hint}")
-
-
-def compose(user: dict[str, Any], default_execution: str = "local") -> dict[str, Any]:
-    """Merge packaged defaults and the user's dict in defaults-list order (``_self_`` last
-    unless placed elsewhere)."""
-    user = copy.deepcopy(user)
-    entries = _defaults_entries(user.get("defaults"))
-    choices: dict[str, str] = {}
-    order: list[str] = []
-    for entry in entries:
-        if entry == "_self_":
-            order.append("_self_")
-            continue
-        if not isinstance(entry, dict) or len(entry) != 1:
-            raise ConfigError(
-                f"defaults: entry {_short(entry)} must be _self_ or one group: option, e.g. "
-                "{deployment: vllm}"
-            )
-        (group, option), = entry.items()
-        group = str(group).removeprefix("override ").strip()
-        if group not in SUPPORTED:
-            raise ConfigError(
-                f"defaults: unknown group {_short(group)}; evalprov composes execution and "
-                "deployment"
-            )
-        choices[group] = _choose(group, option)
-        order.append(group)
-    # A section that states its own type picks its group option when the list does not.
-    for group in SUPPORTED:
-        section = user.get(group)
-        if isinstance(section, str):
-            option = section if re.fullmatch(r"[\w/.-]+", section) else "OPTION"
-            raise ConfigError(
-                f"{group}: got {_short(section)}, a name, where a mapping of fields belongs; "
-                f"choose the option in the defaults list (defaults: [{{{group}: {option}}}, "
-                f"_self_]) and keep {group}: for its fields"
-            )
-        if not isinstance(section, dict) or "type" not in section:
-            continue
-        typ = str(section["type"])
-        chosen = _choose(group, _TYPE_TO_OPTION.get(typ, typ), where=f"{group}.type")
-        if group in choices and choices[group] != chosen:
-            raise ConfigError(
-                f"{group}.type: {_short(typ)} contradicts the defaults list entry {group}: "
-                f"{choices[group]}; change one of them (or drop {group}.type)"
-            )
-        choices[group] = chosen
-    choices.setdefault("execution", default_execution)
-    if "deployment" not in choices:
-        section = user.get("deployment")
-        fields = sorted(str(k) for k in section if k != "type") if isinstance(section, dict) else []
-        if fields:
-            raise ConfigError(
-                f"deployment: fields {', '.join(fields)} are given but no deployment is chosen "
-                "(the default is none); add '- deployment: vllm' to the defaults list or set "
-                "deployment.type: vllm"
-            )
-        choices["deployment"] = "none"
-    if "_self_" not in order:
-        order.append("_self_")
-    for group in SUPPORTED:
-        if group not in order:
-            order.insert(0, group)
-
-    root = _packaged("", "default")
-    root.pop("defaults", None)
-    user_body = {k: v for k, v in user.items() if k != "defaults"}
-    composed = root
-    for step in order:
-        if step == "_self_":
-            composed = deep_merge(composed, user_body)
-        else:
-            composed = deep_merge(composed, {step: _packaged(step, choices[step])})
-    composed["defaults"] = [{g: choices[g]} for g in SUPPORTED] + ["_self_"]
-    return composed
-
-
-# --------------------------------------------------------------------------- interpolation
-
-
-def _lookup(root: dict[str, Any], dotted: str) -> Any:
-    node: Any = root
-    for part in dotted.split("."):
-        if isinstance(node, dict) and part in node:
-            node = node[part]
-        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
-            node = node[int(part)]
-        else:
-            raise KeyError(dotted)
-    return node
-
-
-class _Budget:
-    """Work interpolation may do: resolutions, values built, characters per string."""
-
-    def __init__(self) -> None:
-        self.resolutions = 0
-        self.nodes = 0
-
-    def resolve(self, where: str) -> None:
-        self.resolutions += 1
-        if self.resolutions > MAX_RESOLUTIONS:
-            raise ConfigError(f"{where}: interpolation resolves more than {MAX_RESOLUTIONS} "
-                              "references; the references multiply, write the values out")
-
-    def node(self, where: str) -> None:
-        self.nodes += 1
-        if self.nodes > MAX_INTERP_NODES:
-            raise ConfigError(f"{where or 'config'}: interpolation expands the config to more "
-                              f"than {MAX_INTERP_NODES} values; the ${{path}} references "
-                              "multiply, write the values out")
-
-
-def _resolve_one(expr: str, root: dict[str, Any], where: str, environ,
-                 secrets: list[tuple[str, str]] | None = None) -> tuple[Any, bool]:
-    """(value, read from the environment). An environment value is a plain string: as in
-    OmegaConf, a resolver's output is not interpolated again."""
-    expr = expr.strip()
-    if expr.startswith("oc.env:"):
-        name, comma, default = expr[len("oc.env:"):].partition(",")
-        name = name.strip()
-        if name in environ:
-            value = str(environ[name])
-            if secrets is not None:
-                secrets.append((name, value))
-            return value, True
-        if comma:
-            return default.strip().strip("'\""), True
-        raise ConfigError(
-            f"{where}: ${{oc.env:{name}}} reads {name} from the environment, which is not set; "
-            f"export {name} or give a default as ${{oc.env:{name},default}}"
-        )
-    if _DOTTED.fullmatch(expr):
-        try:
-            return _lookup(root, expr), False
-        except KeyError:
-            raise ConfigError(f"{where}: ${{{expr}}} refers to a field that does not exist; "
-                              "fix the reference") from None
-    raise ConfigError(
-        f"{where}: interpolation ${{{expr}}} is not supported; evalprov resolves "
-        "${oc.env:VAR[,default]} and ${path.to.field}"
-    )
-
-
-def interpolate(root: dict[str, Any], environ=None,
-                secrets: list[tuple[str, str]] | None = None) -> dict[str, Any]:
-    """``root`` with every ``${...}`` resolved. Each value read from the environment is
-    appended to ``secrets`` as (name, value), so error lines can avoid echoing it."""
-    environ = os.environ if environ is None else environ
-    budget = _Budget()
-
-    def resolve(expr: str, where: str, depth: int) -> Any:
-        budget.resolve(where)
-        value, from_env = _resolve_one(expr, root, where, environ, secrets)
-        return value if from_env else walk(value, where, depth + 1)
-
-    def walk(node: Any, where: str, depth: int = 0) -> Any:
-        budget.node(where)
-        if isinstance(node, dict):
-            return {k: walk(v, f"{where}.{k}" if where else str(k), depth) for k, v in node.items()}
-        if isinstance(node, list):
-            return [walk(v, f"{where}.{i}", depth) for i, v in enumerate(node)]
-        if isinstance(node, str) and "${" in node:
-            if depth > 8:
-                raise ConfigError(f"{where}: interpolation nests too deep; remove the cycle")
-            whole = _INTERP.fullmatch(node.strip())
-            if whole:
-                return resolve(whole.group(1), where, depth)
-            pieces, pos, length = [], 0, 0
-            for m in _INTERP.finditer(node):
-                piece = str(resolve(m.group(1), where, depth))
-                pieces += [node[pos:m.start()], piece]
-                pos = m.end()
-                length += len(pieces[-2]) + len(piece)
-                if length > MAX_INTERP_STRING:
-                    raise ConfigError(f"{where}: interpolation builds a string longer than "
-                                      f"{MAX_INTERP_STRING // 1024} KiB; shorten the value")
-            pieces.append(node[pos:])
-            return "".join(pieces)
-        return node
-
-    return walk(root, "")
 
 
 # --------------------------------------------------------------------------- checks
@@ -399,6 +145,8 @@ def _loc(loc: tuple[Any, ...]) -> str:
     parts = [str(p) for p in loc]
     if len(parts) > 1 and parts[0] in _TAGGED:
         del parts[1]
+    elif len(parts) > 2 and parts[0] == "auxiliary_deployments" and parts[2] in ("vllm", "none"):
+        del parts[2]
     return ".".join(parts)
 
 
@@ -503,24 +251,52 @@ def format_validation_error(exc: ValidationError, data: dict[str, Any]) -> list[
     return _report(_problems(exc, data))
 
 
-def _warnings(user: dict[str, Any]) -> list[str]:
+def _lookup(root: Any, dotted: str) -> Any:
+    value = overrides.get(root, tuple(dotted.split(".")))
+    if value is overrides._ABSENT:
+        raise KeyError(dotted)
+    return value
+
+
+def _not_acted_on(dotted: str, nel: str) -> str:
+    return f"warning: {dotted} is accepted but not acted on by evalprov yet; NEL {nel}"
+
+
+def _warnings(user: dict[str, Any], config: Config | None = None) -> list[str]:
+    """One line per field given that evalprov does not act on, saying what NEL does."""
     out = []
-    for dotted, empty in NOT_ACTED_ON:
+    for dotted, empty, nel in NOT_ACTED_ON:
         try:
             value = _lookup(user, dotted)
         except KeyError:
             continue
         if value != empty:
-            out.append(f"warning: {dotted} is accepted but not acted on by evalprov yet")
+            out.append(_not_acted_on(dotted, nel))
     evaluation = user.get("evaluation")
     tasks = evaluation.get("tasks") if isinstance(evaluation, dict) else None
     for i, task in enumerate(tasks if isinstance(tasks, list) else []):
         if isinstance(task, dict):
             for key in ("pre_cmd", "post_cmd"):
                 if task.get(key):
-                    out.append(f"warning: evaluation.tasks.{i}.{key} is accepted but not acted on "
-                               "by evalprov yet")
+                    out.append(_not_acted_on(f"evaluation.tasks.{i}.{key}",
+                                             f"runs it in the task's container {key[:-4]} "
+                                             "the evaluation"))
+    for name, aux in (config.auxiliary_deployments.items() if config else ()):
+        if aux.type != "none":
+            out.append(f"warning: auxiliary_deployments.{name} is validated as a second vLLM "
+                       f"deployment ({aux.served_model_name}) but not served by evalprov yet; "
+                       "NEL serves it beside the model under test on its own Slurm node(s) "
+                       f"and tasks reach it at auxiliary_deployments.{name}.chat_url")
     return out
+
+
+def _legacy_warning(changes: list[Change], source: str) -> list[str]:
+    fields = list(dict.fromkeys(c.was for c in changes if c.legacy))
+    if not fields:
+        return []
+    shown = ", ".join(fields[:3]) + (f" and {len(fields) - 3} more" if len(fields) > 3 else "")
+    return [f"warning: {source} uses forms of older NEL versions ({shown}), read as NEL read "
+            f"them; `evalprov migrate {source}` prints it in the current schema"]
 
 
 def _check_tasks(config: Config) -> None:
@@ -600,7 +376,88 @@ def validate(data: dict[str, Any], user: dict[str, Any]) -> LoadedConfig:
     if problems or config is None:
         raise ConfigError(*_report(problems))
     _check_tasks(config)
-    return LoadedConfig(config=config, warnings=_warnings(user))
+    return LoadedConfig(config=config, warnings=_warnings(user, config))
+
+
+def _env_forms(node: Any, where: str = "") -> dict[str, str]:
+    """Field path -> the ${oc.env:...} text written there (what output shows instead)."""
+    if isinstance(node, dict):
+        return {p: f for k, v in node.items() for p, f in _env_forms(v, _join(where, k)).items()}
+    if isinstance(node, list):
+        return {p: f for i, v in enumerate(node) for p, f in _env_forms(v, _join(where, i)).items()}
+    if isinstance(node, str) and "oc.env" in node and "${" in node:
+        return {where: node}
+    return {}
+
+
+def _join(where: str, key: Any) -> str:
+    return f"{where}.{key}" if where else str(key)
+
+
+def _strict_base(user: dict[str, Any], ovs: list[overrides.Override],
+                 default_execution: str) -> dict[str, Any] | None:
+    """The composed config without -o, for Hydra's + and ~ checks (None: not needed)."""
+    if not any(ov.op in ("add", "delete") for ov in ovs):
+        return None
+    try:
+        return normalise(compose(normalise(user)[0], default_execution))[0]
+    except ConfigError:
+        return None
+
+
+def _check_strict(base: dict[str, Any] | None, ov: overrides.Override) -> None:
+    if base is None:
+        return
+    if ov.op == "add" and overrides.has(base, ov.keys):
+        raise ConfigError(f"-o {_short(ov.text)}: {ov.dotted} is already in the config; use "
+                          f"{ov.text[1:]} to change it (or ++ to set it either way)")
+    if ov.op == "delete" and not overrides.has(base, ov.keys):
+        raise ConfigError(f"-o {_short(ov.text)}: {ov.dotted} is not in the config; nothing "
+                          "to delete (check the key path)")
+    if ov.op == "delete" and ov.has_value and overrides.get(base, ov.keys) != ov.value:
+        raise ConfigError(f"-o {_short(ov.text)}: {ov.dotted} does not hold that value, so "
+                          "it is not deleted; give its value or just ~key")
+
+
+def load_user(
+    user: dict[str, Any],
+    override_texts: list[str] | tuple[str, ...] = (),
+    default_execution: str = "local",
+    environ=None,
+    source: str = "config",
+) -> LoadedConfig:
+    """Normalise, compose, override, interpolate and validate a config read as data."""
+    ovs = [overrides.parse(text) for text in override_texts]
+    base = _strict_base(user, ovs, default_execution)
+    user = copy.deepcopy(user)
+    for ov in ovs:  # first on the file: a choice of defaults (or a type) shapes composition
+        if ov.group_choice:
+            overrides.choose_option(user, ov)
+        else:
+            overrides.apply(user, ov, strict=False)
+    user, changes = normalise(user)
+    composed = compose(user, default_execution=default_execution)
+    for ov in ovs:  # then on the composed config: command-line values win over every layer
+        if not ov.chooses_defaults:
+            _check_strict(base, ov)
+            overrides.apply(composed, ov, strict=False)
+    composed, late = normalise(composed)  # a legacy key given with -o
+    secrets: list[tuple[str, str]] = []
+    forms = _env_forms(composed)
+    try:
+        data = interpolate(composed, environ, secrets)
+        loaded = validate(data, user)
+    except ConfigError as exc:
+        raise ConfigError(*scrub(exc.lines, secrets)) from None
+    loaded.source = source
+    loaded.composed = composed
+    loaded.changes = changes + [c for c in late if c not in changes]
+    read = {name for name, _ in secrets}
+    loaded.env_reads = secrets
+    loaded.env_forms = {path: form for path, form in forms.items()
+                        if any(f"oc.env:{name}" in form.replace(" ", "") for name in read)}
+    loaded.warnings = _legacy_warning(loaded.changes, source) + loaded.warnings
+    return loaded
 
 
 def load_config(
@@ -609,28 +466,42 @@ def load_config(
     default_execution: str = "local",
     environ=None,
 ) -> LoadedConfig:
-    """Read, compose, override, interpolate and validate one config file."""
-    user = read_yaml(path)
-    parsed = [(text, *parse_override(text)) for text in overrides]
-    for text, keys, value in parsed:
-        apply_override(user, keys, value, text)
-    composed = compose(user, default_execution=default_execution)
-    for text, keys, value in parsed:  # command-line values win over every defaults entry
-        if keys[0] != "defaults":
-            apply_override(composed, keys, copy.deepcopy(value), text)
-    secrets: list[tuple[str, str]] = []
-    data = interpolate(composed, environ, secrets)
-    try:
-        loaded = validate(data, user)
-    except ConfigError as exc:
-        raise ConfigError(*scrub(exc.lines, secrets)) from None
-    loaded.source = str(path)
-    loaded.composed = composed
-    return loaded
+    """Read, normalise, compose, override, interpolate and validate one config file."""
+    return load_user(read_yaml(path), overrides, default_execution, environ, str(path))
+
+
+def _mask(node: Any, forms: dict[str, str], reads: list[tuple[str, str]],
+          where: str = "") -> Any:
+    """Output data without any value read from the environment: a field written as
+    ${oc.env:...} shows that text; any other string holding an env value shows the
+    reference instead; a field named like a secret shows <secret>."""
+    from evalprov.secrets import SECRET_NAME
+
+    if where in forms and not isinstance(node, (dict, list)):
+        return forms[where]
+    if isinstance(node, dict):
+        out = {}
+        for k, v in node.items():
+            path = _join(where, k)
+            secretish = (isinstance(k, str) and SECRET_NAME.search(k)
+                         and not k.endswith("_name") and "env_vars" not in where)
+            if secretish and isinstance(v, str) and v and path not in forms:
+                out[k] = "<secret>"
+            else:
+                out[k] = _mask(v, forms, reads, path)
+        return out
+    if isinstance(node, list):
+        return [_mask(v, forms, reads, _join(where, i)) for i, v in enumerate(node)]
+    if isinstance(node, str):
+        for name, value in sorted(reads, key=lambda r: -len(r[1])):
+            if value and (value in node if len(value) >= 4 else value == node):
+                node = node.replace(value, f"${{oc.env:{name}}}")
+    return node
 
 
 def resolved_dict(loaded: LoadedConfig) -> dict[str, Any]:
-    """The resolved config as plain data, env values shown by source only."""
+    """The resolved config as plain data: env_vars by source only, and no value read from
+    the environment (see _mask)."""
     data = loaded.config.model_dump(mode="python")
 
     def clean(node: Any) -> Any:
@@ -646,4 +517,4 @@ def resolved_dict(loaded: LoadedConfig) -> dict[str, Any]:
             return [clean(v) for v in node]
         return node
 
-    return clean(data)
+    return _mask(clean(data), loaded.env_forms, loaded.env_reads)

@@ -339,6 +339,27 @@ class NoneDeployment(Strict):
 
 Deployment = Annotated[Union[VllmDeployment, NoneDeployment], Field(discriminator="type")]
 
+AUX_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+class AuxVllmDeployment(VllmDeployment):
+    """A second vLLM server (NEL 0.2.4, #830: e.g. a judge), on nodes of its own."""
+
+    num_nodes: Annotated[Int, Field(ge=1, le=MAX_COUNT, description="Nodes it is served on.")] = 1
+    num_instances: Annotated[
+        Int, Field(ge=1, le=MAX_COUNT, description="Instances behind one proxy.")] = 1
+    env_prefix: Annotated[
+        str | None, Field(description="NEL: prefix of its shell variables (default: NAME).")
+    ] = None
+
+
+class AuxNoneDeployment(Strict):
+    type: Annotated[Literal["none"], Field(description="Skipped (NEL skips it too).")]
+
+
+AuxDeployment = Annotated[Union[AuxVllmDeployment, AuxNoneDeployment],
+                          Field(discriminator="type")]
+
 # --------------------------------------------------------------------------- execution
 
 
@@ -427,6 +448,10 @@ class _ExecutionCommon(_EnvVarsMixin):
     )
     env_vars: EnvVars
     auto_export: Annotated[dict[str, Any] | None, Field(description="NEL auto export.")] = None
+    heartbeat: Annotated[
+        dict[str, Any] | None,
+        Field(description="NEL: a script run periodically during evaluation."),
+    ] = None
 
     @field_validator("work_dir", "hf_cache_dir")
     @classmethod
@@ -606,6 +631,10 @@ class ApiEndpoint(Strict):
     api_key_name: Annotated[str | None, Field(description="Env var holding the API key.")] = None
     type: Annotated[str | None, Field(description="Endpoint type.")] = None
     stream: Annotated[bool | None, Field(description="Stream responses.")] = None
+    adapter_config: Annotated[
+        dict[str, Any] | None,
+        Field(description="NEL adapter settings (read from nemo_evaluator_config)."),
+    ] = None
 
 
 class Target(Strict):
@@ -628,8 +657,19 @@ class Config(_EnvVarsMixin):
     )
     env_vars: EnvVars
     auxiliary_deployments: Annotated[
-        dict[str, Any], Field(description="NEL auxiliary deployments (e.g. judges).")
+        dict[str, AuxDeployment],
+        Field(description="NEL auxiliary deployments served beside the model (e.g. a judge), "
+              "by name."),
     ] = Field(default_factory=dict)
+
+    @field_validator("auxiliary_deployments", mode="before")
+    @classmethod
+    def _aux_names(cls, value: Any) -> Any:
+        for name in value or {}:
+            if not isinstance(name, str) or not AUX_NAME.fullmatch(name):
+                raise ValueError(f"auxiliary deployment name {_short(name)} must be letters, "
+                                 "digits, _ or - (it names the server)")
+        return value or {}
     export: Annotated[dict[str, Any] | None, Field(description="NEL exporters.")] = None
 
     @model_validator(mode="after")
@@ -644,17 +684,24 @@ class Config(_EnvVarsMixin):
         return self
 
 
-# Fields accepted for NEL compatibility but not acted on yet: (dotted path, "empty" value).
-NOT_ACTED_ON: list[tuple[str, Any]] = [
-    ("execution.mounts", {}),
-    ("execution.env_vars", {}),
-    ("execution.extra_docker_args", ""),
-    ("auxiliary_deployments", {}),
-    ("deployment.cache_path", None),
-    ("deployment.pre_cmd", ""),
-    ("deployment.base_command", None),
-    ("deployment.command", None),
-    ("target.api_endpoint.api_key_name", None),
-    ("evaluation.pre_cmd", ""),
-    ("evaluation.post_cmd", ""),
+# Fields accepted for NEL compatibility but not acted on yet: (dotted path, "empty" value,
+# what NEL does with it), each named in one warning line.
+NOT_ACTED_ON: list[tuple[str, Any, str]] = [
+    ("execution.mounts", {}, "mounts them into the containers (host: container paths)"),
+    ("execution.env_vars", {}, "reads only its deployment/evaluation/export maps (moved "
+     "in 0.1.89), so these are unused there too"),
+    ("execution.heartbeat", None, "runs heartbeat.script every heartbeat.interval seconds "
+     "during evaluation"),
+    ("execution.extra_docker_args", "", "adds them to its docker run"),
+    ("deployment.cache_path", None, "mounts it at /cache in the server container"),
+    ("deployment.pre_cmd", "", "runs it in the server container before serving"),
+    ("deployment.base_command", None, "renders it as the server command (evalprov builds the "
+     "vllm serve argv from the fields)"),
+    ("deployment.command", None, "runs it as the server command (evalprov builds the vllm "
+     "serve argv from the fields)"),
+    ("target.api_endpoint.api_key_name", None, "sends that variable's value as the API key"),
+    ("target.api_endpoint.adapter_config", None, "does not read it here either; adapters "
+     "belong in nemo_evaluator_config.target.api_endpoint.adapter_config"),
+    ("evaluation.pre_cmd", "", "runs it in each task's container before the evaluation"),
+    ("evaluation.post_cmd", "", "runs it in each task's container after the evaluation"),
 ]

@@ -47,6 +47,7 @@ def all_parsers(parser: argparse.ArgumentParser, path=()):
 # any host; {out} is an empty directory
 FAILING = {
     ("validate",): ["validate", BAD],
+    ("migrate",): ["migrate", BAD],
     ("plan",): ["plan", BAD],
     ("inventory",): ["inventory", BAD],
     ("apply",): ["apply", BAD],
