@@ -33,7 +33,7 @@ DRIVER = "ansible_collections.evalprov.fleet.plugins.module_utils.evalprov_job"
 MANAGED_FLAGS = frozenset({"job-name", "account", "partition", "nodes", "ntasks-per-node",
                            "gres", "time", "output", "error", "no-requeue", "requeue",
                            "parsable", "test-only", "wrap", "dependency", "comment", "chdir",
-                           "export"})
+                           "export", "signal"})
 FLAG = re.compile(r"[a-z][a-z0-9-]{0,40}")
 CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 MAX_RESUMES = 50
@@ -67,10 +67,19 @@ def resumes(exe: SlurmExecution) -> int:
     return max(0, min(MAX_RESUMES, walltime_seconds(exe.max_walltime) // max(per, 1) - 1))
 
 
+def signal_lead(exe: SlurmExecution) -> int:
+    """Seconds before the time limit that Slurm warns the job (it checks limits about every
+    30 s): a quarter of the walltime, at most two minutes."""
+    return max(10, min(120, walltime_seconds(exe.walltime) // 4))
+
+
 def sbatch_options(exe: SlurmExecution, directory: str, name: str, device: str) -> list[str]:
     opts = [f"--job-name={name}", f"--account={exe.account}", f"--partition={exe.partition}",
             f"--nodes={exe.num_nodes}", f"--ntasks-per-node={exe.ntasks_per_node}",
-            f"--time={exe.walltime}", f"--output={directory}/slurm-%j.out", "--no-requeue"]
+            f"--time={exe.walltime}", f"--output={directory}/slurm-%j.out", "--no-requeue",
+            # the driver's warning that the time limit is near: it stops what it started
+            # and leaves the rest to the auto-resume successor
+            f"--signal=B:USR1@{signal_lead(exe)}"]
     if device == "gpu" and exe.gpus_per_node:
         opts.append(f"--gres={exe.gres}")
     if exe.sbatch_comment:
@@ -144,6 +153,7 @@ def make_job(p, exe: SlurmExecution, inputs, tasks: list[dict[str, Any]]) -> Job
         "concurrency": p.eval_concurrency,
         "instance": instance_vars(inst) if inst else None,
         "tasks": tasks, "sbatch_argv": list(argv), "resumes_left": resumes(exe),
+        "walltime": walltime_seconds(exe.walltime), "signal_lead": signal_lead(exe),
     }
     script = render_script({
         "options": argv[2:], "job_dir": directory, "lib": f"{directory}/lib",
@@ -240,6 +250,8 @@ def explain_missing(records: list[dict[str, Any]], job: dict[str, Any]) -> None:
     the task itself left (a task that brought nothing home is failed, not "missing")."""
     ended = [j for j in job.get("jobs") or [] if j.get("state") in ENDED_EARLY
              and j.get("reason") != "DependencyNeverSatisfied"]
+    # the driver's own account: warned of the time limit, cancelled, or the server died
+    ended += [job] if job.get("phase") in ("failed", "stopping") and job.get("message") else []
     for rec in records:
         if rec.get("status") == "succeeded":
             continue

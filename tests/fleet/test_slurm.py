@@ -43,6 +43,11 @@ def cluster(fleet_factory):
     try:
         ensure_standin_image(c.fleet)
         c.eval_image = ensure_eval_image(c.fleet)
+        # the nodes have the images already, as a cluster's nodes usually do: a job's
+        # walltime in these tests is spent serving and evaluating, not pulling
+        for h in c.fleet.hosts:
+            for image in (STANDIN_IMAGE, c.eval_image):
+                c.fleet.docker(h.name, "pull", image, timeout=300)
         c.inventory = c.fleet.write_inventory(c.dir / "inventory.yml")
         yield c
     finally:
@@ -170,27 +175,128 @@ def test_check_shows_the_script_and_submits_nothing(cluster, work, tmp_path):
     assert cluster.squeue() == [] and list(work.iterdir()) == []
 
 
-def test_time_limit_keeps_finished_tasks_and_rerun_failed_submits_the_rest(
-        cluster, work, tmp_path):
-    """A walltime of one minute fits the stand-in server and ifeval but not a gpqa_diamond
-    that sleeps: the job TIMEOUTs; ifeval stays succeeded, gpqa_diamond is failed naming the
-    job's end; `--rerun failed` then runs only gpqa_diamond."""
-    local = tmp_path / "results"
-    slow = ["-o", "execution.walltime=00:01:00", "-o", "execution.max_walltime=00:01:00",
-            "-o", "deployment.env_vars.STANDIN_SLOW_AFTER=lit:3"]
-    t0 = time.monotonic()
-    proc = apply_seed(cluster, work, local, *slow)
-    assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert time.monotonic() - t0 < DEADLINE
-    by_task = {t["task"]: t for t in summary(local)["tasks"]}
-    assert by_task["ifeval"]["status"] == "succeeded", by_task
-    assert by_task["gpqa_diamond"]["status"] == "failed"
-    assert "TIMEOUT" in by_task["gpqa_diamond"]["error"]
+def start_apply(cluster, remote, local, *extra) -> subprocess.Popen:
+    import os
+
+    env = {**os.environ, "HF_TOKEN_FOR_GPQA_DIAMOND": SECRET}
+    args = ["apply", str(SEED), "-i", str(cluster.inventory),
+            *seed_overrides(cluster, remote, local, *extra)]
+    return subprocess.Popen([sys.executable, "-m", "evalprov.cli", *args], env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_tasks(remote: Path, want: dict[str, str], proc: subprocess.Popen,
+               timeout: float = 300) -> tuple[Path, dict]:
+    """The run's job directory once the driver reports the wanted task states."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        for state_file in remote.glob("*/state.json"):
+            try:
+                state = json.loads(state_file.read_text())
+            except ValueError:
+                continue
+            if all(state["tasks"].get(k) == v for k, v in want.items()):
+                return state_file.parent, state
+        time.sleep(1)
+    proc.kill()
+    raise AssertionError(f"tasks never reached {want}: {proc.communicate()}")
+
+
+def nothing_runs(cluster) -> None:
     for h in cluster.fleet.hosts:
-        assert cluster.fleet.docker(h.name, "ps", "-q").stdout.strip() == b""
-    rerun = apply_seed(cluster, work, local, "--rerun", "failed")
+        assert cluster.fleet.docker(h.name, "ps", "-q").stdout.strip() == b"", h.name
+        ps = cluster.fleet.exec(h.name, ["ps", "-eo", "args"]).stdout.decode()
+        assert "nemo-evaluator" not in ps and "evalprov_job" not in ps, ps
+
+
+# after ifeval's requests every answer takes 150 s: gpqa_diamond outlives a job's walltime
+SLOW = ("-o", "deployment.env_vars.STANDIN_SLOW_AFTER=lit:3",
+        "-o", "deployment.env_vars.STANDIN_SLOW_SECONDS=lit:150",
+        "-o", "evaluation.nemo_evaluator_config.config.params.request_timeout=600")
+
+
+def test_scancel_keeps_finished_tasks_fails_the_rest_and_cancels_the_resume(
+        cluster, work, tmp_path):
+    local = tmp_path / "results"
+    proc = start_apply(cluster, work, local, *SLOW)
+    run_dir, _state = wait_tasks(work, {"ifeval": "succeeded", "gpqa_diamond": "running"}, proc)
+    jobs = (run_dir / "jobs").read_text().split()
+    assert len(jobs) == 2  # the job and its auto-resume successor, queued behind it
+    cluster.cmd("scancel", jobs[0])
+    out, err = proc.communicate(timeout=DEADLINE)
+    assert proc.returncode == 1, out + err
+    by_task = {t["task"]: t for t in summary(local)["tasks"]}
+    assert by_task["ifeval"]["status"] == "succeeded"
+    assert by_task["gpqa_diamond"]["status"] == "failed"
+    assert "CANCELLED" in by_task["gpqa_diamond"]["error"]
+    # a cancel is not a time limit: the successor was cancelled too and never ran
+    assert cluster.job(jobs[1])["JobState"] == "CANCELLED"
+    assert not (run_dir / f"state-{jobs[1]}.json").exists()
+    nothing_runs(cluster)
+    # --rerun failed submits a job for gpqa_diamond alone; ifeval is reused
+    rerun = apply_seed(cluster, work, local, *SLOW, "--rerun", "failed")
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert "1 task(s) to run, 1 done before" in rerun.stderr
     tasks = {t["task"]: t for t in summary(local)["tasks"]}
     assert tasks["gpqa_diamond"]["status"] == "succeeded"
     assert tasks["ifeval"].get("reused_from")
+
+
+def test_time_limit_keeps_finished_tasks_and_auto_resume_runs_the_rest(
+        cluster, work, tmp_path):
+    """walltime 2 min: the first job serves and finishes ifeval, then reaches its time limit
+    inside gpqa_diamond (it stops what it started, keeps ifeval and fails gpqa_diamond);
+    its successor (afternotok, NEL's auto-resume capped by max_walltime) serves again and
+    runs only gpqa_diamond."""
+    local = tmp_path / "results"
+    proc = apply_seed(cluster, work, local, *SLOW, "-o", "execution.walltime=00:02:00",
+                      "-o", "execution.max_walltime=00:04:00")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    by_task = {t["task"]: t for t in summary(local)["tasks"]}
+    assert {k: v["status"] for k, v in by_task.items()} == {
+        "ifeval": "succeeded", "gpqa_diamond": "succeeded"}
+    run_dir = work / summary(local)["run"]
+    jobs = (run_dir / "jobs").read_text().split()
+    ran = [j for j in jobs if (run_dir / f"state-{j}.json").exists()]
+    assert len(ran) == 2, (jobs, ran)
+    first = json.loads((run_dir / f"state-{ran[0]}.json").read_text())
+    second = json.loads((run_dir / f"state-{ran[1]}.json").read_text())
+    assert first["tasks"] == {"ifeval": "succeeded", "gpqa_diamond": "failed"}
+    assert "time limit" in first["message"]
+    assert second["tasks"] == {"ifeval": "succeeded", "gpqa_diamond": "succeeded"}
+    assert cluster.job(ran[0])["JobState"] in ("TIMEOUT", "FAILED")
+    assert cluster.job(ran[1])["JobState"] == "COMPLETED"
+    assert len(jobs) == 2  # max_walltime 4 min / walltime 2 min: one resume, no more
+    assert "job " + ran[0] in proc.stderr and "job " + ran[1] in proc.stderr
+    nothing_runs(cluster)
+
+
+def test_ctrl_c_cancels_the_job_and_destroy_cancels_a_running_one(cluster, work, tmp_path):
+    import signal
+
+    local = tmp_path / "results"
+    proc = start_apply(cluster, work, local, *SLOW)
+    _run_dir, _ = wait_tasks(work, {"ifeval": "succeeded", "gpqa_diamond": "running"}, proc)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=DEADLINE)
+    assert proc.returncode == 130, out + err
+    assert "cancelling this run's Slurm job" in err
+    assert cluster.squeue() == []
+    nothing_runs(cluster)
+    by_task = {t["task"]: t for t in summary(local)["tasks"]}
+    assert by_task["ifeval"]["status"] == "succeeded"  # finished before the interrupt: kept
+    assert by_task["gpqa_diamond"]["status"] != "succeeded"
+
+    other = tmp_path / "other"
+    proc = start_apply(cluster, work, other, *SLOW, "--rerun", "all")
+    wait_tasks(work, {"ifeval": "running"}, proc)
+    gone = evalprov(cluster, "destroy", str(SEED), "-i", str(cluster.inventory),
+                    *seed_overrides(cluster, work, other))
+    assert gone.returncode == 0, gone.stdout + gone.stderr
+    out, err = proc.communicate(timeout=DEADLINE)
+    assert proc.returncode == 1, out + err
+    assert cluster.squeue() == []
+    nothing_runs(cluster)
+    st = evalprov(cluster, "status", "--output-dir", str(other))
+    assert "serving" not in st.stdout, st.stdout

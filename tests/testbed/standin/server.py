@@ -14,8 +14,8 @@ Behaviour switches (environment):
   STANDIN_NEVER_HEALTHY=1      /health always 503
   STANDIN_EXIT_AFTER=SECONDS   print an error and exit with code 3 after SECONDS
   STANDIN_FAIL_REQUESTS=1      completions / chat completions answer HTTP 500
-  STANDIN_SLOW_AFTER=N         after N answered requests, each one waits 30 s first (a
-                               task that outlives a job's time limit)
+  STANDIN_SLOW_AFTER=N         after N answered requests, each one waits first (a task that
+                               outlives a job's time limit): STANDIN_SLOW_SECONDS (30)
 """
 
 from __future__ import annotations
@@ -76,6 +76,7 @@ class State:
         self.fail_requests = os.environ.get("STANDIN_FAIL_REQUESTS", "") not in ("", "0")
         slow = os.environ.get("STANDIN_SLOW_AFTER", "")
         self.slow_after = int(slow) if slow.isdigit() else None
+        self.slow_seconds = float(os.environ.get("STANDIN_SLOW_SECONDS", "30") or 30)
         self.lock = threading.Lock()
         self.counter = 0
         self.requests = 0
@@ -276,7 +277,7 @@ class Handler(BaseHTTPRequestHandler):
             self.send_error_json(503, "model is loading", "ServiceUnavailableError")
             return
         if st.slow_after is not None and st.requests >= st.slow_after:
-            time.sleep(30)
+            time.sleep(st.slow_seconds)
         if st.fail_requests:
             log("ERROR:    STANDIN_FAIL_REQUESTS is set: failing the request")
             self.send_error_json(500, "simulated engine failure", "InternalServerError")

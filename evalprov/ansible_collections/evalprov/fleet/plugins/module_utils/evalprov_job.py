@@ -13,8 +13,9 @@ evalprov: no value is ever read by a shell. Secret values come from JOB_DIR/secr
 through the environment.
 
 Progress is JOB_DIR/state.json (rewritten atomically), read by evalprov_slurm on the login
-node. SIGTERM (scancel, the time limit) stops the harness and the server this job started,
-marks the unfinished tasks failed and keeps the finished ones. A task that succeeded in an
+node. SIGUSR1 (the time limit is near) and SIGTERM (scancel, preemption, the limit itself) stop the
+harness and the server this job started, mark the unfinished tasks failed and keep the
+finished ones. A task that succeeded in an
 earlier job of the same run (auto-resume, --rerun) is not run again. When the job was given
 resumes left, it first submits its successor (`--dependency=afternotok`), which continues
 with the unfinished tasks if this one ends early, and cancels it when every task is done.
@@ -96,6 +97,7 @@ class Job:
         self.job_id = os.environ.get("SLURM_JOB_ID", "")
         self.secrets = take_secrets(job_dir)
         self.stopping = threading.Event()
+        self.timed_out = False
         self.lock = threading.Lock()
         self.server = None  # Popen (process runtime) or container name (docker)
         self.state = {"job": self.job_id, "node": os.uname().nodename, "phase": "starting",
@@ -263,11 +265,16 @@ class Job:
                            timeout=60)
 
     def on_signal(self, signum, frame):
+        """SIGUSR1 is Slurm's warning that the time limit is near (--signal=B:USR1@N): stop,
+        and leave the auto-resume successor to continue. SIGTERM without that warning is a
+        cancel (scancel, preemption): stop, and the successor is cancelled too."""
         if self.stopping.is_set():
             return
         self.stopping.set()
-        self.save(phase="stopping", message=f"signal {signum}: the job was cancelled or "
-                  "reached its time limit")
+        self.timed_out = signum == signal.SIGUSR1
+        why = ("the job's time limit is near" if self.timed_out
+               else f"signal {signal.Signals(signum).name}: the job was cancelled")
+        self.save(phase="stopping", message=why)
         threading.Thread(target=self._stop_all, daemon=True).start()
 
     def _stop_all(self):
@@ -278,6 +285,13 @@ class Job:
     def run(self):
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP):
             signal.signal(sig, self.on_signal)
+        # the time limit, kept by the job itself too (Slurm checks limits only about every
+        # 30 s, so its warning can come that much early or late)
+        budget = int(self.spec.get("walltime", 0)) - int(self.spec.get("signal_lead", 0))
+        if budget > 0:
+            timer = threading.Timer(budget, self.on_signal, (signal.SIGUSR1, None))
+            timer.daemon = True
+            timer.start()
         self.save()
         successor = self.submit_successor()
         pending = [t for t in self.spec["tasks"] if self.state["tasks"][t["name"]] != "succeeded"]
@@ -291,7 +305,8 @@ class Job:
         for name in unfinished:
             if self.state["tasks"][name] in ("pending", "running"):
                 self.state["tasks"][name] = "failed"
-        if not unfinished and successor:
+        # the successor continues only a run this job could not finish in its time
+        if successor and (not unfinished or not self.timed_out):
             subprocess.run(["scancel", successor], capture_output=True, check=False, timeout=60)
         final = "done" if not unfinished else "failed"
         self.save(phase=final, ended=time.time())
