@@ -28,8 +28,14 @@ _RUNNING = {"probe": "probing", "pull": "pulling", "install": "installing",
             "start": "starting", "healthy": "loading", "samples": "shipping",
             "eval": "evaluating", "fetch": "fetching"}
 _DONE = {"healthy": "healthy", "eval": "evaluated", "fetch": "fetched"}
-_WHAT = {"loading": "waiting for /health (vLLM loads the model)",
-         "evaluating": "running the evaluation tasks"}
+_WHAT = {"probing": "reading the host's facts", "pulling": "pulling the vLLM image",
+         "installing": "installing into the venvs", "starting": "converging the instances",
+         "loading": "waiting for /health (vLLM loads the model)",
+         "shipping": "shipping the sample datasets",
+         "evaluating": "running the evaluation tasks", "fetching": "fetching the results"}
+# the phases a plain log gets a line for when they begin (the others end within seconds,
+# and Progress prints their tasks' outcome)
+_LOGGED = ("pulling", "installing", "loading", "evaluating")
 
 
 def is_tty(out: TextIO) -> bool:
@@ -58,6 +64,7 @@ class TaskView:
     seconds: float = 0.0  # how long it has run (the host's clock)
     shown_at: float | None = None  # plain mode: when its last line was printed
     shown_done: int = -1
+    shown_status: str = ""
 
     @property
     def rate(self) -> float | None:
@@ -66,7 +73,8 @@ class TaskView:
     @property
     def eta(self) -> float | None:
         rate = self.rate
-        if rate is None or self.total is None or self.status != "running":
+        if rate is None or self.total is None or self.status != "running" \
+                or self.done >= self.total:
             return None
         return max(0.0, (self.total - self.done) / rate)
 
@@ -79,6 +87,8 @@ class TaskView:
             parts.append(f"ETA {duration(self.eta)}")
         if self.status in ("succeeded", "failed", "pending"):
             parts.append(self.status)
+        elif self.total is not None and self.done >= self.total:
+            parts.append("scoring")
         return ", ".join(parts)
 
 
@@ -86,7 +96,6 @@ class TaskView:
 class HostView:
     name: str
     phase: str = "waiting"
-    detail: str = ""
     since: float = 0.0
     shown_at: float = 0.0  # plain mode: when its last phase line was printed
     tasks: dict[str, TaskView] = field(default_factory=dict)
@@ -141,7 +150,7 @@ class LiveView:
         phase = phase_of(task)
         if phase is None:
             return
-        self._phase(host, _RUNNING[phase], task)
+        self._phase(host, _RUNNING[phase])
 
     def finished(self, host: str, task: str, ok: bool, goes_on: bool = False) -> None:
         """A task ended on a host; one whose work goes on (a start) ends no phase."""
@@ -153,9 +162,9 @@ class LiveView:
             if phase is None or hv is None or hv.phase != _RUNNING[phase]:
                 return
         if not ok:
-            self._phase(host, "failed", task)
+            self._phase(host, "failed")
         elif phase in _DONE:
-            self._phase(host, _DONE[phase], task)
+            self._phase(host, _DONE[phase])
 
     def tick(self, host: str) -> None:
         """The host's step goes on (a poll or retry event): a plain heartbeat when due."""
@@ -184,24 +193,24 @@ class LiveView:
                 tv.seconds = float(p.get("seconds") or 0.0)
                 if self.tty or tv.status == "pending":
                     continue
-                changed = tv.done != tv.shown_done
-                ended = tv.status in ("succeeded", "failed")
-                if changed and (tv.shown_at is None or now - tv.shown_at >= self.every
-                                or ended):
-                    tv.shown_at, tv.shown_done = now, tv.done
+                ended = tv.status in ("succeeded", "failed") and tv.shown_status != tv.status
+                moved = tv.done != tv.shown_done and (
+                    tv.shown_at is None or now - tv.shown_at >= self.every)
+                if ended or moved:
+                    tv.shown_at, tv.shown_done, tv.shown_status = now, tv.done, tv.status
                     self._line(host, name, tv.text())
             if not self.tty:
                 hv.shown_at = now  # the task lines are this host's heartbeat
 
     # -- output ------------------------------------------------------------------------------
-    def _phase(self, host: str, phase: str, task: str) -> None:
+    def _phase(self, host: str, phase: str) -> None:
         with self._lock:
             hv = self.hosts.setdefault(host, HostView(host))
             if hv.phase == phase:
                 return
             now = self.clock()
-            hv.phase, hv.detail, hv.since, hv.shown_at = phase, task, now, now
-            if not self.tty and phase in _WHAT:
+            hv.phase, hv.since, hv.shown_at = phase, now, now
+            if not self.tty and phase in _LOGGED:
                 self._line(host, phase, _WHAT[phase])
 
     def _line(self, host: str, word: str, text: str) -> None:
@@ -221,8 +230,8 @@ class LiveView:
                           "", "", "")
             for hv in self.hosts.values():
                 table.add_row(Text(hv.name, style="cyan"), Text(hv.phase, style="bold"),
-                              duration(now - hv.since), Text(_WHAT.get(hv.phase, hv.detail),
-                                                             style="dim"))
+                              duration(now - hv.since),
+                              Text(_WHAT.get(hv.phase, ""), style="dim"))
                 for tv in hv.tasks.values():
                     table.add_row("", Text(f"  {tv.name}"), _bar(tv), tv.text())
             return table
