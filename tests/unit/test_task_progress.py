@@ -24,10 +24,10 @@ tasks = importlib.import_module(
 DONE = "[I 2026-12-02T06:04:18.260] Request completed status_code=200 path= logger=root\n"
 
 # A stand-in harness: answers `first` requests, waits for the file `go`, answers the rest.
-HARNESS = """
+HARNESS = f"""
 import os, sys, time
 first, rest, go = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-line = {line!r}
+line = {DONE!r}
 for _ in range(first):
     print(line, end="", flush=True)
 deadline = time.monotonic() + 60
@@ -35,7 +35,7 @@ while not os.path.exists(go) and time.monotonic() < deadline:
     time.sleep(0.05)
 for _ in range(rest):
     print(line, end="", flush=True)
-""".format(line=DONE)
+"""
 
 
 def _until(look, what, seconds=60.0):
