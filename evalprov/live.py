@@ -33,8 +33,8 @@ _WHAT = {"probing": "reading the host's facts", "pulling": "pulling the vLLM ima
          "loading": "waiting for /health (vLLM loads the model)",
          "shipping": "shipping the sample datasets",
          "evaluating": "running the evaluation tasks", "fetching": "fetching the results"}
-# the phases a plain log gets a line for when they begin (the others end within seconds,
-# and Progress prints their tasks' outcome)
+# the phases a plain log gets a line for once they are seen to go on (the others end within
+# seconds, and Progress prints their tasks' outcome)
 _LOGGED = ("pulling", "installing", "loading", "evaluating")
 
 
@@ -98,6 +98,8 @@ class HostView:
     phase: str = "waiting"
     since: float = 0.0
     shown_at: float = 0.0  # plain mode: when its last phase line was printed
+    announced: bool = True  # plain mode: its phase's line is out
+    before: tuple[str, float] | None = None  # the phase a task that may be skipped ended
     tasks: dict[str, TaskView] = field(default_factory=dict)
 
 
@@ -166,19 +168,35 @@ class LiveView:
         elif phase in _DONE:
             self._phase(host, _DONE[phase])
 
+    def skipped(self, host: str, task: str) -> None:
+        """A task that started was skipped: the host is back in the phase it was in."""
+        with self._lock:
+            hv = self.hosts.get(host)
+            phase = phase_of(task)
+            if hv is None or phase is None or hv.before is None \
+                    or hv.phase != _RUNNING[phase]:
+                return
+            hv.phase, hv.since = hv.before
+            hv.before, hv.announced = None, True
+
     def tick(self, host: str) -> None:
-        """The host's step goes on (a poll or retry event): a plain heartbeat when due."""
+        """The host's step goes on (a poll or retry event): in a plain log, the phase's
+        line the first time, then a heartbeat when due."""
         with self._lock:
             hv = self.hosts.get(host)
             if hv is None or self.tty:
                 return
             now = self.clock()
-            if now - hv.shown_at >= self.heartbeat:
+            if not hv.announced:
+                hv.announced, hv.shown_at = True, now
+                self._line(host, hv.phase, _WHAT.get(hv.phase, ""))
+            elif now - hv.shown_at >= self.heartbeat:
                 hv.shown_at = now
                 self._line(host, hv.phase, f"still {hv.phase}, {duration(now - hv.since)}")
 
     def samples(self, host: str, progress: dict[str, Any]) -> None:
         """The eval module's look at its tasks: {task: {status, done, total, seconds}}."""
+        self.tick(host)
         with self._lock:
             hv = self.hosts.setdefault(host, HostView(host, since=self.clock()))
             now = self.clock()
@@ -209,9 +227,10 @@ class LiveView:
             if hv.phase == phase:
                 return
             now = self.clock()
+            hv.before = (hv.phase, hv.since)
             hv.phase, hv.since, hv.shown_at = phase, now, now
-            if not self.tty and phase in _LOGGED:
-                self._line(host, phase, _WHAT[phase])
+            # a plain log hears of a long phase once it is seen to go on (tick)
+            hv.announced = self.tty or phase not in _LOGGED
 
     def _line(self, host: str, word: str, text: str) -> None:
         t = f"{self.clock() - self.start:6.1f}s"

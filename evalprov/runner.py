@@ -201,6 +201,7 @@ class Progress:
         t = f"{time.monotonic() - self.start:6.1f}s"
         if kind == "runner_on_skipped":
             hr.skipped += 1
+            self.live.skipped(host, task)
             return True
         if kind == "runner_on_unreachable":
             hr.unreachable += 1

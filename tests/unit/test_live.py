@@ -68,10 +68,11 @@ def test_without_a_terminal_lines_are_plain_and_rate_limited():
     assert not CONTROL.search(text), repr(CONTROL.search(text))
     lines = text.splitlines()
     loading = [line for line in lines if " loading " in line]
-    # the phase when it begins, then a heartbeat at most every 30 s of a 70 s wait
-    assert "waiting for /health" in loading[0]
+    # the phase once it is seen to go on (the first poll), then a heartbeat at most every
+    # 30 s of a 70 s wait
+    assert loading[0].startswith("   1.0s h1") and "waiting for /health" in loading[0]
     assert [line.split("loading", 1)[1].strip() for line in loading[1:]] == [
-        "still loading, 30 s", "still loading, 1 min 00 s"]
+        "still loading, 31 s", "still loading, 1 min 01 s"]
     tasks = [line for line in lines if " ifeval " in line]
     # 30 counts in 60 s: one line per 10 s, then the end
     assert len(tasks) == 7, tasks
@@ -117,3 +118,14 @@ def render(view: LiveView) -> str:
     console = Console(file=io.StringIO(), width=160, color_system=None)
     console.print(view._render())
     return console.file.getvalue()
+
+
+def test_a_task_that_starts_and_is_skipped_leaves_the_host_in_its_phase():
+    out, clock = io.StringIO(), Clock()
+    p = Progress(out=out, live=LiveView(out, tty=False, clock=clock, start=clock()))
+    p(ev("runner_on_start", "h1", "Health | Wait for /health and the served model"))
+    p(ev("runner_on_ok", "h1", "Health | Wait for /health and the served model"))
+    p(ev("runner_on_start", "h1", "Eval | Install the harness into its venv (process runtime)"))
+    p(ev("runner_on_skipped", "h1", "Eval | Install the harness into its venv (process runtime)"))
+    assert p.live.hosts["h1"].phase == "healthy"
+    assert "installing" not in out.getvalue()
