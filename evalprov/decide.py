@@ -21,7 +21,7 @@ from evalprov.check import Checked, HostActions, HostFacts, check, pull_policy
 from evalprov.config.models import Config, SlurmExecution
 from evalprov.errors import PlanError
 from evalprov.harness import HARNESS_ENV
-from evalprov.inventory import instance_vars, task_vars
+from evalprov.inventory import follow_vars, instance_vars, task_vars
 from evalprov.plan import HostFacts as PlanHost
 from evalprov.plan import Plan, TaskRun, plan, slug
 
@@ -211,6 +211,7 @@ def role_vars(p: Plan, a: HostActions, inputs: Inputs, f: HostFacts) -> dict[str
         "evalprov_eval_run_dir": f"{p.work_dir}/runs/{inputs.run_id}",
         "evalprov_eval_tasks": [task_action(p, t, k, inputs, f) for k, t in enumerate(hp.tasks)],
         "evalprov_eval_provenance": provenance_spec(p, hp),
+        **follow_vars(p, len(hp.tasks)),
     }
 
 

@@ -125,8 +125,10 @@ def write_run_config(config: Mapping[str, Any], path: str | os.PathLike[str]) ->
 
 
 # What every harness run gets, however it is started (evalprov's own runs on the hosts take it
-# from the plan): hubs and telemetry off, so nothing is downloaded at run time.
+# from the plan): hubs and telemetry off, so nothing is downloaded at run time; Python's output
+# unbuffered, so the harness's log (whose requests the live view counts) grows as it runs.
 HARNESS_ENV = {
+    "PYTHONUNBUFFERED": "1",
     "HF_HUB_OFFLINE": "1",
     "HF_DATASETS_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",

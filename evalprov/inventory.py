@@ -51,6 +51,25 @@ def task_vars(run: TaskRun) -> dict[str, Any]:
     }
 
 
+# How the roles follow their long steps while they run (each look is an event the live view
+# shows): seconds between looks at the background health wait, seconds one look at the
+# running tasks waits for their end, and the eval role's default timeout of one task.
+HEALTH_POLL = 1
+EVAL_POLL_WAIT = 2.0
+TASK_TIMEOUT = 86400
+
+
+def follow_vars(plan: Plan, tasks: int) -> dict[str, Any]:
+    """A host's bounds of those looks: the health wait's time limit a little above its
+    timeout (so the module's own message wins), and enough looks at `tasks` tasks run
+    eval_concurrency at a time for each to reach its timeout."""
+    rounds = -(-tasks // max(1, plan.eval_concurrency))
+    return {"evalprov_health_async": plan.health_timeout + 120,
+            "evalprov_health_poll": HEALTH_POLL,
+            "evalprov_eval_poll_wait": EVAL_POLL_WAIT,
+            "evalprov_eval_polls": int((TASK_TIMEOUT * rounds + 600) / EVAL_POLL_WAIT) + 1}
+
+
 def common_vars(plan: Plan) -> dict[str, Any]:
     """What every host's roles get from the plan before any fact is known (the same on every
     host): what the probe looks at and how the roles run."""

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from evalprov.inventory import ansible_vars, inventory_file
+from evalprov.live import LiveView
 
 # The directory holding ansible_collections/evalprov/fleet (the package itself).
 COLLECTIONS = Path(str(importlib.resources.files("evalprov")))
@@ -138,12 +139,18 @@ def ansible_env(pdd: Path, forks: int | None) -> dict[str, str]:
 
 
 class Progress:
-    """Turns runner events into one line per host per task (skips are counted, not shown)."""
+    """Turns runner events into one line per host per task (skips are counted, not shown),
+    and tells the live view (evalprov.live) each host's phase and each task's samples as
+    they happen: a long step (the health wait, the evaluation) reports while it runs through
+    its poll (runner_on_async_poll) or retry (runner_retry) events."""
 
     def __init__(self, out=None, check: bool = False, diff: bool = False,
                  on_task_start: Callable[[str, str], None] | None = None,
-                 on_decision: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 on_decision: Callable[[dict[str, Any]], None] | None = None,
+                 live: LiveView | None = None) -> None:
         self.out = out or sys.stderr
+        self.start = time.monotonic()
+        self.live = live or LiveView(self.out, start=self.start)
         self.on_task_start = on_task_start  # (host, module) when a task starts on a host
         self.on_decision = on_decision  # evalprov_decide's result, as soon as it is made
         self.decision: dict[str, Any] | None = None
@@ -153,7 +160,9 @@ class Progress:
         self.facts: dict[str, Any] = {}
         self.slurm: dict[str, Any] | None = None  # the last look at a Slurm job
         self._slurm_line = ""
-        self.start = time.monotonic()
+
+    def say(self, line: str) -> None:
+        self.live.say(line)
 
     def _host(self, name: str) -> HostResult:
         return self.hosts.setdefault(name, HostResult())
@@ -162,8 +171,22 @@ class Progress:
         kind = event.get("event", "")
         data = event.get("event_data") or {}
         host = data.get("host")
-        if kind == "runner_on_start" and host and self.on_task_start:
-            self.on_task_start(host, _action(data))
+        if kind == "runner_on_start" and host:
+            self.live.started(host, str(data.get("task") or ""))
+            if self.on_task_start:
+                self.on_task_start(host, _action(data))
+        if kind in ("runner_on_async_poll", "runner_retry") and host:
+            progress = (data.get("res") or {}).get("evalprov_eval_progress")
+            if isinstance(progress, dict):
+                self.live.samples(host, progress)
+            self.live.tick(host)
+        if kind in ("runner_on_ok", "runner_on_failed") and host:
+            res = data.get("res") or {}
+            if isinstance(res.get("evalprov_eval_progress"), dict):
+                self.live.samples(host, res["evalprov_eval_progress"])
+            self.live.finished(host, str(data.get("task") or ""),
+                               kind == "runner_on_ok" or bool(data.get("ignore_errors")),
+                               goes_on=res.get("running") is True)
         if kind in ("runner_retry", "runner_on_ok") and (data.get("res") or {}).get(
                 "evalprov_slurm_state"):
             self._slurm_progress(host, data["res"])
@@ -178,6 +201,7 @@ class Progress:
         t = f"{time.monotonic() - self.start:6.1f}s"
         if kind == "runner_on_skipped":
             hr.skipped += 1
+            self.live.skipped(host, task)
             return True
         if kind == "runner_on_unreachable":
             hr.unreachable += 1
@@ -188,7 +212,7 @@ class Progress:
                        "~/.ssh/known_hosts`, or set ansible_ssh_common_args: '-o "
                        "StrictHostKeyChecking=accept-new' for the host in the inventory")
             hr.errors.append(f"unreachable: {msg}")
-            print(f"{t} {host:<20} UNREACHABLE  {task}: {msg}", file=self.out, flush=True)
+            self.say(f"{t} {host:<20} UNREACHABLE  {task}: {msg}")
             return True
         if res.get("evalprov_facts"):  # the probe's raw facts
             self.facts[host] = res
@@ -200,8 +224,8 @@ class Progress:
                 for problem in res.get("problems") or []:
                     who = problem.split(":", 1)[0].removeprefix("host ")
                     self._host(who if who in self.facts else host).errors.append(problem)
-                    print(f"{t} {who if who in self.facts else host:<20} FAILED       "
-                          f"{problem}", file=self.out, flush=True)
+                    self.say(f"{t} {who if who in self.facts else host:<20} FAILED       "
+                             f"{problem}")
                 self._host(host).failed += 1
                 return True
         if kind == "runner_on_failed":
@@ -210,12 +234,12 @@ class Progress:
             hr.failed += 1
             msg = str(res.get("msg", "failed")).strip()
             hr.errors.append(msg)
-            print(f"{t} {host:<20} FAILED       {task}: {msg}", file=self.out, flush=True)
+            self.say(f"{t} {host:<20} FAILED       {task}: {msg}")
             return True
         if "censored" in res:  # no_log (secret values in the arguments): stats count it
             hr.ok += 1
-            print(f"{t} {host:<20} {'done':<12} {task} (output hidden: it carries secrets)",
-                  file=self.out, flush=True)
+            self.say(f"{t} {host:<20} {'done':<12} {task} "
+                     "(output hidden: it carries secrets)")
             return True
         changed = bool(res.get("changed"))
         if changed:
@@ -230,10 +254,10 @@ class Progress:
         word = ("would change" if self.check else "changed") if changed else "ok"
         if _action(data).endswith("validate_argument_spec") and not changed:
             return True
-        print(f"{t} {host:<20} {word:<12} {task}", file=self.out, flush=True)
+        self.say(f"{t} {host:<20} {word:<12} {task}")
         if self.diff and changed:
             for d in _diffs(res):
-                print(f"{'':>8}{host:<20} diff: {d}", file=self.out, flush=True)
+                self.say(f"{'':>8}{host:<20} diff: {d}")
         return True
 
 
@@ -250,9 +274,9 @@ class Progress:
         if line != self._slurm_line:
             self._slurm_line = line
             t = f"{time.monotonic() - self.start:6.1f}s"
-            print(f"{t} {host:<20} {'slurm':<12} {line}", file=self.out, flush=True)
+            self.say(f"{t} {host:<20} {'slurm':<12} {line}")
             if res.get("message") and res.get("phase") in ("failed", "stopping"):
-                print(f"{'':>8}{host:<20} {'':<12} {res['message']}", file=self.out, flush=True)
+                self.say(f"{'':>8}{host:<20} {'':<12} {res['message']}")
 
 
 def _action(data: dict[str, Any]) -> str:
@@ -314,9 +338,10 @@ def run_playbook(
         vars_file.write_text(inventory_file(plan_vars))
         sources.append(str(vars_file))
     handler = progress or Progress(check=check, diff=diff)
+    live = getattr(handler, "live", None)
     t0 = time.monotonic()
     with memory_file(inputs) as inputs_path, secret_channel(secrets) as secrets_path, \
-            clean_environ():
+            clean_environ(), live if live is not None else contextlib.nullcontext():
         extra = pdd / "env" / "evalprov-vars.yml"
         extra.parent.mkdir(parents=True, exist_ok=True)
         extra.write_text(ansible_vars({**(extravars or {}), "evalprov_secrets_file": secrets_path,

@@ -5,21 +5,38 @@ and command all come in the task; each task's results and log are packed into on
 
 Secret values reach the harness only through the environment of the process that starts it:
 `docker run -e NAME` (the value is read from the docker CLI's own environment, never on a
-command line) and `--rm`, so no stopped container keeps them; nothing is written to disk."""
+command line) and `--rm`, so no stopped container keeps them; nothing is written to disk.
+
+A host's tasks can also run detached from the module that starts them (`start`), so that the
+controller follows them with short `poll` calls (each one a retry event it shows): the
+detached runner writes progress.json (per task: status, samples done / total, seconds) as
+the harness logs its requests, and result.json when every task has ended."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import tarfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from ansible_collections.evalprov.fleet.plugins.module_utils.evalprov_host import (
+    is_ours,
+    provenance,
+    read_pid,
     stop_group,
     write_pid,
 )
+
+PID, PROGRESS, RESULT = "run_tasks.pid", "progress.json", "result.json"
+# nemo-evaluator's adapter logs one line per request it answered; tqdm (lm-eval, simple-evals
+# on a terminal) writes "12/50 [" with its own total
+_REQUEST_DONE = re.compile(rb"Request completed status_code=")
+_TQDM = re.compile(rb"(\d+)/(\d+) \[")
 
 
 def tail(path, lines):
@@ -105,3 +122,171 @@ def run_one(p, task):
     if rc != 0:
         meta["log_tail"] = tail(log_path, p["log_lines"])
     return meta
+
+
+def limit_of(task):
+    """The samples a task runs when its run config limits them (else unknown: None)."""
+    params = ((task.get("run_config") or {}).get("config") or {}).get("params") or {}
+    limit = params.get("limit_samples")
+    return limit if isinstance(limit, int) and limit > 0 else None
+
+
+class LogProgress:
+    """Samples done so far, read incrementally off a task's harness.log."""
+
+    def __init__(self, path, total=None):
+        self.path, self.total, self.done, self.offset = path, total, 0, 0
+        self._rest = b""
+
+    def read(self):
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                chunk = f.read(4 << 20)
+        except OSError:
+            return self.done
+        self.offset += len(chunk)
+        text = self._rest + chunk
+        cut = max(text.rfind(b"\n"), text.rfind(b"\r"))
+        whole, self._rest = (text[:cut + 1], text[cut + 1:]) if cut >= 0 else (b"", text)
+        self._rest = self._rest[-4096:]
+        bars = _TQDM.findall(whole)
+        if bars:  # the harness's own count and total win over counted requests
+            done, total = bars[-1]
+            self.done, self.total = int(done), int(total) or self.total
+        else:
+            self.done += len(_REQUEST_DONE.findall(whole))
+        return self.done
+
+
+def write_json(path, data):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f)
+    os.replace(tmp, path)
+
+
+def read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def run_all(p, every=1.0):
+    """Every task of p (at most p["concurrency"] at a time), the record's facts read beside
+    them, progress.json rewritten every `every` seconds; returns what the module returns."""
+    run_dir = p["run_dir"]
+    views = {t["name"]: {"status": "pending", "done": 0, "total": limit_of(t), "seconds": 0.0}
+             for t in p["tasks"]}
+    readers, started, lock, stop = {}, {}, threading.Lock(), threading.Event()
+
+    def look():
+        with lock:
+            for name, reader in readers.items():
+                view = views[name]
+                view["done"], view["total"] = reader.read(), reader.total
+                if view["status"] == "running":
+                    view["seconds"] = round(time.time() - started[name], 1)
+            write_json(os.path.join(run_dir, PROGRESS), views)
+
+    def watch():
+        while not stop.wait(every):
+            look()
+
+    def one(task):
+        name = task["name"]
+        with lock:
+            started[name] = time.time()
+            views[name]["status"] = "running"
+            readers[name] = LogProgress(os.path.join(task["dir"], "logs", "harness.log"),
+                                        limit_of(task))
+        meta = run_one(p, task)
+        with lock:
+            views[name].update(status=meta["status"], seconds=meta["seconds"])
+        return meta
+
+    look()
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        with ThreadPoolExecutor(max_workers=1) as side:
+            facts = side.submit(provenance, p["provenance"]) if p.get("provenance") else None
+            with ThreadPoolExecutor(max_workers=max(1, p["concurrency"])) as pool:
+                done = list(pool.map(one, p["tasks"]))
+            try:
+                record = facts.result() if facts else None
+            except Exception as exc:  # a record is never worth failing the tasks for
+                record = {"error": f"{type(exc).__name__}: {exc}"}
+    finally:
+        stop.set()
+        watcher.join()
+    look()
+    return {"changed": bool(done), "tasks": done, "provenance": record,
+            "failed_tasks": [t["name"] for t in done if t["rc"] != 0]}
+
+
+def start(p):
+    """Start run_all(p) detached from the calling process (its own session, no inherited
+    descriptors; secret values only in its memory and its children's environment); returns
+    once its pid file is written, with its pid."""
+    run_dir = p["run_dir"]
+    os.makedirs(run_dir, mode=0o700, exist_ok=True)
+    for name in (PROGRESS, RESULT):
+        if os.path.exists(os.path.join(run_dir, name)):
+            os.unlink(os.path.join(run_dir, name))
+    ready_r, ready_w = os.pipe()
+    child = os.fork()
+    if child:
+        os.close(ready_w)
+        os.waitpid(child, 0)
+        with os.fdopen(ready_r, "rb") as ready:
+            pid = ready.read().decode() or "0"
+        return int(pid)
+    try:  # the intermediate child: a new session, then the runner, then gone
+        os.close(ready_r)
+        os.setsid()
+        if os.fork():
+            os._exit(0)
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        os.closerange(3, ready_w)
+        os.closerange(ready_w + 1, 65536)
+        write_pid(os.path.join(run_dir, PID), os.getpid())
+        os.write(ready_w, str(os.getpid()).encode())
+        os.close(ready_w)
+        try:
+            result = run_all(p)
+        except BaseException as exc:  # the controller must hear of it
+            result = {"failed": True, "msg": f"the task runner failed: "
+                      f"{type(exc).__name__}: {exc}"}
+        write_json(os.path.join(run_dir, RESULT), result)
+    finally:
+        os._exit(0)
+
+
+def poll(run_dir, wait=2.0, interval=0.2):
+    """The detached runner's state, waiting up to `wait` seconds for it to end: running
+    (with evalprov_eval_progress), or its result; failed when it stopped without one."""
+    deadline = time.monotonic() + wait
+    while True:
+        result = read_json(os.path.join(run_dir, RESULT))
+        progress = read_json(os.path.join(run_dir, PROGRESS)) or {}
+        if result is not None:
+            return {**result, "changed": False, "running": False,
+                    "evalprov_eval_progress": progress}
+        rec = read_pid(os.path.join(run_dir, PID))
+        if not rec or not is_ours(rec):
+            # it may have written its result just now
+            result = read_json(os.path.join(run_dir, RESULT))
+            if result is not None:
+                return {**result, "changed": False, "running": False,
+                    "evalprov_eval_progress": progress}
+            return {"failed": True, "running": False, "evalprov_eval_progress": progress,
+                    "msg": f"the task runner on the host (pid {rec.get('pid')}) stopped "
+                           f"without a result; see the task logs under {run_dir}"}
+        if time.monotonic() >= deadline:
+            return {"changed": False, "running": True, "evalprov_eval_progress": progress}
+        time.sleep(interval)

@@ -4,6 +4,13 @@ directory, container name, adapter address, run config, environment and command 
 the task), at most `concurrency` at a time, and pack each task's results and log for the
 controller to fetch.
 
+state=run runs them and returns when all have ended. state=start starts them detached from
+the module (module_utils.evalprov_tasks.start) and returns at once; state=poll then looks at
+them (waiting up to `wait` seconds for the end), returning evalprov_eval_progress (per task:
+status, samples done, total, seconds) while they run and the same result as state=run when
+they have ended. A role follows them with `until: not result.running`, so each look is a
+retry event the controller shows.
+
 Secret values arrive in the `env` option (no_log) and reach the harness only through the
 environment of the process that starts it: `docker run -e NAME` (the value is read from the
 docker CLI's own environment, never on a command line) and `--rm`, so no stopped container
@@ -15,6 +22,15 @@ DOCUMENTATION = r"""
 module: evalprov_run_tasks
 short_description: Run evaluation tasks with nemo-evaluator and pack their results
 options:
+  state:
+    description: run (and wait), start (detached) or poll (a started run).
+    type: str
+    choices: [run, start, poll]
+    default: run
+  wait:
+    description: state=poll, seconds to wait for the end before returning the progress.
+    type: float
+    default: 2.0
   run_dir:
     description: Directory for this run's tasks on the host.
     type: path
@@ -24,11 +40,11 @@ options:
       labels, run_config, volumes, env, path_prepend, cwd, argv).
     type: list
     elements: dict
-    required: true
+    default: []
   owner:
     description: Owner label of this deployment; only its stale harness containers are removed.
     type: str
-    required: true
+    default: ""
   runtime:
     description: docker (the task's container) or process (the harness venv on the host).
     type: str
@@ -60,25 +76,26 @@ author: evalprov
 """
 
 import os
-from concurrent.futures import ThreadPoolExecutor
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible_collections.evalprov.fleet.plugins.module_utils.evalprov_host import (
-    provenance,
-    write_pid,
-)
+from ansible_collections.evalprov.fleet.plugins.module_utils.evalprov_host import write_pid
 from ansible_collections.evalprov.fleet.plugins.module_utils.evalprov_tasks import (
+    PID,
+    poll,
     remove_stale_containers,
-    run_one,
+    run_all,
+    start,
 )
 
 
 def main():
     module = AnsibleModule(
         argument_spec={
+            "state": {"type": "str", "choices": ["run", "start", "poll"], "default": "run"},
+            "wait": {"type": "float", "default": 2.0},
             "run_dir": {"type": "path", "required": True},
-            "tasks": {"type": "list", "elements": "dict", "required": True},
-            "owner": {"type": "str", "required": True},
+            "tasks": {"type": "list", "elements": "dict", "default": []},
+            "owner": {"type": "str", "default": ""},
             "runtime": {"type": "str", "choices": ["docker", "process"], "default": "docker"},
             "concurrency": {"type": "int", "default": 1},
             "env": {"type": "dict", "default": {}, "no_log": True},
@@ -89,24 +106,29 @@ def main():
         supports_check_mode=True,
     )
     p = module.params
+    if p["state"] == "poll":
+        if module.check_mode:
+            module.exit_json(changed=False, running=False, tasks=[])
+        result = poll(p["run_dir"], p["wait"])
+        if result.pop("failed", False):
+            module.fail_json(**result)
+        module.exit_json(**result)
     if module.check_mode:
-        module.exit_json(changed=bool(p["tasks"]), tasks=[
+        module.exit_json(changed=bool(p["tasks"]), running=False, tasks=[
             {"name": t["name"], "status": "would run"} for t in p["tasks"]])
+    if not p["owner"]:
+        module.fail_json(msg="owner is required to run tasks")
     os.makedirs(p["run_dir"], mode=0o700, exist_ok=True)
-    write_pid(os.path.join(p["run_dir"], "run_tasks.pid"), os.getpid())
     if p["runtime"] == "docker":
         remove_stale_containers(p["owner"])
-    with ThreadPoolExecutor(max_workers=1) as side:
-        # the record's facts are read while the tasks run (the servers are up)
-        facts = side.submit(provenance, p["provenance"]) if p["provenance"] else None
-        with ThreadPoolExecutor(max_workers=max(1, p["concurrency"])) as pool:
-            done = list(pool.map(lambda t: run_one(p, t), p["tasks"]))
-        try:
-            record = facts.result() if facts else None
-        except Exception as exc:  # a record is never worth failing the tasks for
-            record = {"error": f"{type(exc).__name__}: {exc}"}
-    module.exit_json(changed=bool(done), tasks=done, provenance=record,
-                     failed_tasks=[t["name"] for t in done if t["rc"] != 0])
+    if p["state"] == "start":
+        pid = start(p)
+        if not pid:
+            module.fail_json(msg="the task runner did not start on the host")
+        module.exit_json(changed=True, running=True, pid=pid,
+                         tasks=[{"name": t["name"], "status": "started"} for t in p["tasks"]])
+    write_pid(os.path.join(p["run_dir"], PID), os.getpid())
+    module.exit_json(**run_all(p))
 
 
 if __name__ == "__main__":

@@ -68,6 +68,10 @@ import subprocess
 import time
 
 from ansible.module_utils.basic import AnsibleModule
+from ansible_collections.evalprov.fleet.plugins.module_utils.evalprov_tasks import (
+    LogProgress,
+    limit_of,
+)
 
 ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "PREEMPTED", "NODE_FAIL",
          "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "SPECIAL_EXIT", "REVOKED")
@@ -147,12 +151,17 @@ def poll(p):
     driver = read_json(os.path.join(p["job_dir"], "state.json"))
     tasks = driver.get("tasks") or {}
     spec = read_json(os.path.join(p["job_dir"], "job.json"))
+    progress = {}  # samples done per task, off each harness log (the live view shows them)
+    for t in spec.get("tasks") or []:
+        log = LogProgress(os.path.join(t["dir"], "logs", "harness.log"), limit_of(t))
+        progress[t["name"]] = {"status": tasks.get(t["name"], "pending"), "done": log.read(),
+                               "total": log.total}
     archives = [{"name": t["name"], "slug": t["slug"], "status": tasks.get(t["name"], "pending"),
                  "archive": t["dir"] + ".tar.gz"} for t in spec.get("tasks") or []
                 if os.path.exists(t["dir"] + ".tar.gz")]
     return {"evalprov_slurm_state": True, "running": running, "jobs": jobs,
             "phase": driver.get("phase", "queued"), "message": driver.get("message", ""),
-            "node": driver.get("node"), "tasks": tasks,
+            "node": driver.get("node"), "tasks": tasks, "evalprov_eval_progress": progress,
             "archives": archives}
 
 
