@@ -169,11 +169,13 @@ def paths_to_check(p, exe: SlurmExecution) -> dict[str, str]:
     for inst in p.instances[:1]:
         if inst.model.kind == "checkpoint":
             out["deployment.checkpoint_path"] = inst.model.ref
-    if p.runtime == "process":
+    if p.runtime == "process":  # each program, and the python its venv runs it with
         if p.instances:
             out["execution.vllm_venv"] = f"{p.vllm_venv}/bin/vllm"
+            out["execution.vllm_venv (its python)"] = f"{p.vllm_venv}/bin/python"
         if any(h.tasks for h in p.hosts):
             out["execution.harness_venv"] = f"{p.harness_venv}/bin/nemo-evaluator"
+            out["execution.harness_venv (its python)"] = f"{p.harness_venv}/bin/python"
     return out
 
 
@@ -197,7 +199,7 @@ def check_facts(host: str, exe: SlurmExecution, job: Job, facts: dict[str, Any],
                    "execution.vllm_venv": "install vLLM into that venv on the cluster's "
                    "shared filesystem, or use runtime: docker",
                    "execution.harness_venv": "install nemo-evaluator with nvidia-lm-eval and "
-                   "nvidia-simple-evals there, or use runtime: docker"}[what]
+                   "nvidia-simple-evals there, or use runtime: docker"}[what.split(" ")[0]]
             problems.append(f"host {host}: {what}: {path} does not exist on the cluster; {fix}")
     live = [j for j in facts.get("jobs") or [] if j.get("state") in ("PENDING", "RUNNING",
                                                                       "CONFIGURING")]

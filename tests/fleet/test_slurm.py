@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.testbed import STANDIN_IMAGE
-from tests.testbed.slurm import ACCOUNT, PARTITION, SlurmCluster
+from tests.testbed.slurm import ACCOUNT, PARTITION
 
 pytestmark = pytest.mark.fleet
 
@@ -32,26 +32,9 @@ SECRET = "hf_evalprov_slurm_secret_5c1e"  # grepped for everywhere evalprov writ
 DEADLINE = 420  # seconds any one apply may take here
 
 
-@pytest.fixture(scope="module")
-def cluster(fleet_factory):
-    from tests.testbed.eval_image import ensure_eval_image
-    from tests.testbed.image import ensure_standin_image
-
-    fleet_factory.close()  # one fleet at a time: the cluster brings its own hosts
-    c = SlurmCluster(gpus=(2, 2), net=fleet_factory.net)
-    c.up()
-    try:
-        ensure_standin_image(c.fleet)
-        c.eval_image = ensure_eval_image(c.fleet)
-        # the nodes have the images already, as a cluster's nodes usually do: a job's
-        # walltime in these tests is spent serving and evaluating, not pulling
-        for h in c.fleet.hosts:
-            for image in (STANDIN_IMAGE, c.eval_image):
-                c.fleet.docker(h.name, "pull", image, timeout=300)
-        c.inventory = c.fleet.write_inventory(c.dir / "inventory.yml")
-        yield c
-    finally:
-        c.down()
+@pytest.fixture
+def cluster(slurm_cluster):
+    return slurm_cluster
 
 
 @pytest.fixture

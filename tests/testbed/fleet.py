@@ -696,6 +696,9 @@ class Fleet:
             "mkdir -p /run/testbed /run/sshd /run/lock",
             f"mount --bind {q(h.dir)} /run/testbed",
             "B=/run/testbed",
+            # the sources of the extra binds, held before /root & co. are replaced
+            *[f"mkdir -p /run/testbed-bind/{i} && mount --bind {q(src)} /run/testbed-bind/{i}"
+              for i, (src, _) in enumerate(self.binds)],
             "mount --bind $B/hosts /etc/hosts",
             "mount --bind $B/hostname /etc/hostname",
             "mount --bind $B/resolv.conf /etc/resolv.conf",
@@ -704,8 +707,8 @@ class Fleet:
         ]
         for d in self.private_dirs:
             lines.append(f"mkdir -p {q(d)} && mount -t tmpfs -o mode=0755 tmpfs {q(d)}")
-        for src, dst in self.binds:
-            lines.append(f"mkdir -p {q(dst)} && mount --bind {q(src)} {q(dst)}")
+        for i, (_, dst) in enumerate(self.binds):
+            lines.append(f"mkdir -p {q(dst)} && mount --bind /run/testbed-bind/{i} {q(dst)}")
         if h.docker:
             lines += [
                 "mkdir -p /var/lib/docker /etc/docker",

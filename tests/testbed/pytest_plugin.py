@@ -13,6 +13,10 @@ Fixtures:
                   test left a host killed or disconnected). ``fleet_factory.close()``
                   tears down the current fleet. Everything is torn down at session end.
   fleet           function: ``fleet_factory([8, 4, 2], docker=True)``.
+  slurm_cluster   function: ``fleet_factory.slurm((2, 2))``: a real Slurm cluster on fake
+                  hosts (tests/testbed/slurm.py) with the stand-in and harness images on
+                  every node; it is the factory's current fleet (asking for another one
+                  tears it down).
   standin_image   function: ensures ``vllm/vllm-openai:evalprov-standin`` is in the local
                   registry (built at most once per session, cached across sessions) and
                   returns that name.
@@ -61,6 +65,7 @@ class FleetFactory:
         self.current: Fleet | None = None
         self._key: tuple | None = None
         self.image_info: dict | None = None
+        self.cluster = None  # a SlurmCluster whose fleet is self.current
 
     def _healthy(self, f: Fleet) -> bool:
         if not f.is_up:
@@ -89,7 +94,38 @@ class FleetFactory:
         self.current, self._key = f, key
         return f
 
+    def slurm(self, gpus=(2, 2)):
+        """A running SlurmCluster (tests/testbed/slurm.py) on the session's net, its nodes
+        holding the stand-in and harness images; the same one while the spec is the same."""
+        from .eval_image import ensure_eval_image
+        from .image import STANDIN_IMAGE
+        from .slurm import SlurmCluster
+
+        key = ("slurm", tuple(gpus), self.net)
+        if self.cluster is not None and self._key == key and self._healthy(self.cluster.fleet):
+            return self.cluster
+        self.close()
+        c = SlurmCluster(gpus=gpus, net=self.net)
+        c.up()
+        self.cluster, self.current, self._key = c, c.fleet, key
+        try:
+            ensure_standin_image(c.fleet)
+            c.eval_image = ensure_eval_image(c.fleet)
+            # the nodes have the images already, as a cluster's nodes usually do: a job's
+            # walltime in the tests is spent serving and evaluating, not pulling
+            for h in c.fleet.hosts:
+                for image in (STANDIN_IMAGE, c.eval_image):
+                    c.fleet.docker(h.name, "pull", image, timeout=300)
+            c.inventory = c.fleet.write_inventory(c.dir / "inventory.yml")
+        except BaseException:
+            self.close()
+            raise
+        return c
+
     def close(self) -> None:
+        if self.cluster is not None:
+            c, self.cluster, self.current, self._key = self.cluster, None, None, None
+            c.down()
         if self.current is not None:
             f, self.current, self._key = self.current, None, None
             f.down()
@@ -110,6 +146,11 @@ def fleet_factory(tmp_path_factory):
 @pytest.fixture
 def fleet(fleet_factory) -> Fleet:
     return fleet_factory(DEFAULT_GPUS, docker=True)
+
+
+@pytest.fixture
+def slurm_cluster(fleet_factory):
+    return fleet_factory.slurm((2, 2))
 
 
 @pytest.fixture

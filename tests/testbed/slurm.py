@@ -17,6 +17,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 from .fleet import DEFAULT_PRIVATE_DIRS, Fleet
@@ -47,10 +48,17 @@ class SlurmCluster:
         self.munge_socket = self.dir / "munge" / "munge.socket"
         self.ctld: subprocess.Popen | None = None
         self.munged: subprocess.Popen | None = None
+        # the venvs' python lives where the machine's python does (e.g. /root/.pyenv, under
+        # the /root every host has of its own): the nodes see it as a cluster's nodes see
+        # its shared software
+        binds = [(str(self.etc), "/etc/slurm")]
+        base = Path(sys.base_prefix).resolve()
+        if str(base).startswith("/root/"):
+            binds.append((str(base), str(base)))
         self.fleet = Fleet(
             self.gpus, docker=docker, net=net, private_dirs=SLURM_PRIVATE_DIRS,
             workdir=self.dir / "fleet",
-            binds=((str(self.etc), "/etc/slurm"),),
+            binds=tuple(binds),
             init_extra=(
                 "slurmd -D -N $H -f /etc/slurm/slurm.conf >>$B/slurmd.log 2>&1 </dev/null &",
             ),
