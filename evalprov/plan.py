@@ -433,14 +433,15 @@ def plan(config: Config, hosts: list[HostFacts]) -> Plan:
     instances: dict[str, tuple[Instance, ...]] = {}
     if isinstance(dep, VllmDeployment):
         need = gpus_per_instance(dep, config.execution.device)
-        errors = []
+        errors, failed = [], []
         for h in hosts:
             try:
                 instances[h.name] = plan_instances(config, h)
             except PlanError as exc:
                 errors.extend(exc.lines)
+                failed.append(h.name)
         if errors:
-            raise PlanError(*errors)
+            raise PlanError(*errors, hosts=tuple(failed))
         if any(h.gpus is None for h in hosts):
             notes.append("GPU counts not given for some hosts: GPU fit is checked by the "
                          "preflight of `evalprov apply` (or pass --gpus N / --facts FILE)")
