@@ -43,6 +43,7 @@ class Inputs:
     destroy: bool = False
     samples_src: str = ""  # the controller's sample data (shipped to remote hosts)
     cached_gpus: dict[str, int] = field(default_factory=dict)  # earlier runs' facts
+    api_key_id: str = ""  # the fingerprint of the deployment's API key ("" none; apikey.py)
 
 
 @dataclass(frozen=True)
@@ -227,14 +228,14 @@ def plan_or_every_problem(inputs: Inputs, facts: dict[str, HostFacts]) -> Plan:
     names everything to fix."""
     hosts = plan_hosts(inputs, facts)
     try:
-        return plan(inputs.config, hosts)
+        return plan(inputs.config, hosts, inputs.api_key_id)
     except PlanError as exc:
         if not exc.hosts:
             raise
         failed = frozenset(exc.hosts)
         try:
             rest = plan(inputs.config, [PlanHost(h.name, None) if h.name in failed else h
-                                        for h in hosts])
+                                        for h in hosts], inputs.api_key_id)
         except PlanError:
             raise exc from None
         if inputs.evaluate:
@@ -251,7 +252,7 @@ def decide(inputs: Inputs, facts: dict[str, HostFacts]) -> Decision:
     instance), with every other problem of every host; problems found by the check are in
     Decision.problems."""
     if inputs.destroy:
-        the_plan = plan(inputs.config, plan_hosts(inputs, facts))
+        the_plan = plan(inputs.config, plan_hosts(inputs, facts), inputs.api_key_id)
     else:
         the_plan = plan_or_every_problem(inputs, facts)
     if inputs.destroy:
