@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from evalprov import slurm
+from evalprov import apikey, slurm
 from evalprov.config.envvars import resolve_env
 from evalprov.config.loader import LoadedConfig
 from evalprov.config.models import SlurmExecution, VllmDeployment
@@ -94,6 +94,19 @@ def task_env(loaded: LoadedConfig) -> dict[str, dict[str, str]]:
     if errors:
         raise ConfigError(*errors)
     return out
+
+
+def with_api_key(loaded: LoadedConfig, owner: str, secret: dict[str, str],
+                 per_task: dict[str, dict[str, str]]
+                 ) -> tuple[dict[str, str], dict[str, dict[str, str]], str | None]:
+    """The deployment's API key (apikey.py) added to the secrets: vLLM reads it from
+    VLLM_API_KEY, every task from the variable its run config names; None: no key."""
+    key = apikey.deployment_key(loaded.config, owner, secret)
+    if not key:
+        return secret, per_task, None
+    return ({**secret, apikey.VLLM_ENV: key},
+            {t.name: {**per_task.get(t.name, {}), apikey.HARNESS_ENV: key}
+             for t in loaded.config.evaluation.tasks}, key)
 
 
 def local_inventory(run_dir: Path) -> str:
@@ -185,16 +198,21 @@ def run(loaded: LoadedConfig, hosts: list[HostFacts], opts: Options,
     secret = deployment_env(loaded)
     per_task = task_env(loaded) if playbook == "site.yml" else {}
     out = output_root(loaded)
+    key = None
+    if playbook == "site.yml":
+        secret, per_task, key = with_api_key(loaded, owner_id(out), secret, per_task)
     with locked(out):
         ledger = Ledger(out)
         try:
-            return _run_locked(loaded, hosts, opts, playbook, secret, per_task, out, ledger)
+            return _run_locked(loaded, hosts, opts, playbook, secret, per_task, out, ledger,
+                               key)
         finally:
             ledger.close()
 
 
 def prepare(loaded: LoadedConfig, hosts: list[HostFacts], opts: Options, playbook: str,
-            out: Path, ledger: Ledger) -> tuple[Inputs, Plan, Path, list[str]]:
+            out: Path, ledger: Ledger, key: str | None = None
+            ) -> tuple[Inputs, Plan, Path, list[str]]:
     """Everything decide needs besides the facts, a provisional plan (for the variables that
     do not depend on facts, and to refuse a plan that cannot be made before any host is
     touched), the run directory and the inventories."""
@@ -212,14 +230,15 @@ def prepare(loaded: LoadedConfig, hosts: list[HostFacts], opts: Options, playboo
         previous=previous_attempts(ledger), rerun=opts.rerun,
         evaluate=playbook == "site.yml" and "eval" not in (opts.skip_tags or ""),
         destroy=playbook == "destroy.yml", samples_src=str(SAMPLES_DIR),
-        cached_gpus=cached_gpu_counts(out))
+        cached_gpus=cached_gpu_counts(out),
+        api_key_id=apikey.fingerprint(key) if key else "")
     if isinstance(loaded.config.execution, SlurmExecution):
         try:
             provisional = decide_slurm(inputs, {}).plan
         except PlanError as exc:
             raise ConfigError(*exc.lines) from exc
     else:
-        provisional = plan(loaded.config, plan_hosts(inputs, {}))
+        provisional = plan(loaded.config, plan_hosts(inputs, {}), inputs.api_key_id)
     return inputs, provisional, run_dir, inventories
 
 
@@ -238,9 +257,9 @@ def poll_budget(exe: SlurmExecution, delay: int) -> int:
     return (chain + 600) // delay + 1
 
 
-def _run_locked(loaded, hosts, opts, playbook, secret, per_task, out, ledger):
+def _run_locked(loaded, hosts, opts, playbook, secret, per_task, out, ledger, key=None):
     inputs, provisional, run_dir, inventories = prepare(loaded, hosts, opts, playbook, out,
-                                                        ledger)
+                                                        ledger, key)
     run_id = inputs.run_id
     exe = loaded.config.execution
     on_slurm = isinstance(exe, SlurmExecution)
@@ -315,8 +334,8 @@ def _run_locked(loaded, hosts, opts, playbook, secret, per_task, out, ledger):
                 playbook, run_dir, inventories, plan_vars, extravars,
                 check=opts.check, diff=opts.diff, limit=opts.limit, tags=opts.tags,
                 skip_tags=opts.skip_tags, forks=opts.forks,
-                secrets={"deployment_env": secret, "task_env": per_task} if secret or per_task
-                else None,
+                secrets={"deployment_env": secret, "task_env": per_task,
+                         **({"api_key": key} if key else {})} if secret or per_task else None,
                 inputs=dump_inputs(inputs), progress=timeline, cancel=lambda: interrupt.hit)
         except KeyboardInterrupt:  # Ctrl-C again: stop now, but leave no run 'running'
             if record and "d" in decided:

@@ -118,25 +118,31 @@ def pull_policy(plan: Plan) -> str:
     return "always" if ":" not in name or name.endswith(":latest") else "missing"
 
 
-def problems_of(plan: Plan, host: str, f: HostFacts) -> list[str]:
-    """One sentence per problem: the host, the value, and the fix."""
+def problems_of(plan: Plan, host: str, f: HostFacts, fit: bool = True) -> list[str]:
+    """One sentence per problem: the host, the value, and the fix. ``fit``: also whether the
+    host has the GPUs the plan gives it (False: that is reported already, by the planner)."""
     hp = plan.host(host)
     out = []
     need = max((g for i in hp.instances for g in i.gpus), default=-1) + 1
-    if need > f.gpu_count:
+    if fit and need > f.gpu_count:
         seen = f.gpu_error or "nvidia-smi"
         out.append(f"host {host}: has {f.gpu_count} GPUs ({seen}) but the plan needs {need}; "
                    "lower tensor/pipeline/data parallel sizes or instances_per_host, or drop "
                    "the host from the inventory")
-    elif hp.gpus_total is not None and hp.gpus_total != f.gpu_count and plan.gpus_per_instance:
+    elif fit and hp.gpus_total is not None and hp.gpus_total != f.gpu_count and (
+            plan.gpus_per_instance):
         out.append(f"host {host}: has {f.gpu_count} GPUs but the inventory says "
                    f"{hp.gpus_total} (evalprov_gpu_count); fix the inventory or drop the "
                    "variable to use the count nvidia-smi reports")
     docker = plan.runtime == "docker" and bool(hp.instances)
-    if docker and not f.docker_present:
-        out.append(f"host {host}: docker is not installed; install docker")
-    elif docker and not f.docker_running:
-        out.append(f"host {host}: docker is installed but dockerd does not answer; start it")
+    # the harness runs in a container too: a host with tasks and no instance needs docker
+    why = "" if hp.instances else " (its evaluation tasks run in containers)"
+    if plan.runtime == "docker" and (hp.instances or hp.tasks):
+        if not f.docker_present:
+            out.append(f"host {host}: docker is not installed{why}; install docker")
+        elif not f.docker_running:
+            out.append(f"host {host}: docker is installed but dockerd does not answer{why}; "
+                       "start it")
     if need > 0 and docker and f.docker_running and not f.nvidia_runtime:
         out.append(f"host {host}: docker has no NVIDIA runtime (nvidia-container-runtime-hook "
                    "not on PATH); install nvidia-container-toolkit and restart dockerd")
@@ -211,14 +217,16 @@ def actions_of(plan: Plan, host: str, f: HostFacts) -> HostActions:
                        install_harness, tuple(reasons), len(hp.tasks))
 
 
-def check(plan: Plan, facts: dict[str, HostFacts]) -> Checked:
-    """Every problem of every host the plan has facts for, and each such host's actions."""
+def check(plan: Plan, facts: dict[str, HostFacts], fitted: frozenset[str] = frozenset()
+          ) -> Checked:
+    """Every problem of every host the plan has facts for, and each such host's actions.
+    ``fitted``: hosts whose GPU fit the planner has reported already (not said twice)."""
     problems: list[str] = []
     hosts: dict[str, HostActions] = {}
     for hp in plan.hosts:
         f = facts.get(hp.host)
         if f is None:
             continue
-        problems.extend(problems_of(plan, hp.host, f))
+        problems.extend(problems_of(plan, hp.host, f, fit=hp.host not in fitted))
         hosts[hp.host] = actions_of(plan, hp.host, f)
     return Checked(tuple(problems), hosts)

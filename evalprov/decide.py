@@ -43,6 +43,7 @@ class Inputs:
     destroy: bool = False
     samples_src: str = ""  # the controller's sample data (shipped to remote hosts)
     cached_gpus: dict[str, int] = field(default_factory=dict)  # earlier runs' facts
+    api_key_id: str = ""  # the fingerprint of the deployment's API key ("" none; apikey.py)
 
 
 @dataclass(frozen=True)
@@ -221,10 +222,40 @@ def destroy_vars(f: HostFacts) -> dict[str, Any]:
             "evalprov_vllm_remove": sorted(f.units)}
 
 
+def plan_or_every_problem(inputs: Inputs, facts: dict[str, HostFacts]) -> Plan:
+    """The plan; when it cannot be made for some hosts (e.g. too few GPUs for one
+    instance), a PlanError with those hosts' lines AND every problem the check finds on
+    every probed host (those hosts planned as if their GPU count were unknown), so one run
+    names everything to fix."""
+    hosts = plan_hosts(inputs, facts)
+    try:
+        return plan(inputs.config, hosts, inputs.api_key_id)
+    except PlanError as exc:
+        if not exc.hosts:
+            raise
+        failed = frozenset(exc.hosts)
+        try:
+            rest = plan(inputs.config, [PlanHost(h.name, None) if h.name in failed else h
+                                        for h in hosts], inputs.api_key_id)
+        except PlanError:
+            raise exc from None
+        if inputs.evaluate:
+            rest = select_tasks(rest, inputs.previous, inputs.rerun)[0]
+        else:
+            rest = dataclasses.replace(rest, hosts=tuple(
+                dataclasses.replace(h, tasks=()) for h in rest.hosts))
+        raise PlanError(*exc.lines, *check(rest, facts, fitted=failed).problems,
+                        hosts=exc.hosts) from None
+
+
 def decide(inputs: Inputs, facts: dict[str, HostFacts]) -> Decision:
     """Raises PlanError when the plan cannot be made (e.g. a host too small for one
-    instance); problems found by the check are in Decision.problems."""
-    the_plan = plan(inputs.config, plan_hosts(inputs, facts))
+    instance), with every other problem of every host; problems found by the check are in
+    Decision.problems."""
+    if inputs.destroy:
+        the_plan = plan(inputs.config, plan_hosts(inputs, facts), inputs.api_key_id)
+    else:
+        the_plan = plan_or_every_problem(inputs, facts)
     if inputs.destroy:
         empty = Checked((), {})
         return Decision(the_plan, empty, [], [], {h: destroy_vars(f) for h, f in facts.items()})

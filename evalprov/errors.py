@@ -34,4 +34,9 @@ class InventoryError(EvalprovError):
 
 
 class PlanError(EvalprovError):
-    """The config does not fit the hosts (GPU arithmetic, ports)."""
+    """The config does not fit the hosts (GPU arithmetic, ports). ``hosts``: the hosts the
+    plan could not be made for, when the error is theirs alone (the others' plan can be)."""
+
+    def __init__(self, *lines: str, hosts: tuple[str, ...] = ()) -> None:
+        super().__init__(*lines)
+        self.hosts = tuple(hosts)

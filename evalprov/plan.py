@@ -14,6 +14,7 @@ import re
 import shlex
 from dataclasses import dataclass, field
 
+from evalprov import apikey
 from evalprov.config.loader import deep_merge
 from evalprov.config.models import (
     Config,
@@ -266,7 +267,8 @@ def _env_names(*maps: dict) -> tuple[str, ...]:
     return tuple(sorted(names))
 
 
-def plan_instances(config: Config, host: HostFacts) -> tuple[Instance, ...]:
+def plan_instances(config: Config, host: HostFacts, api_key_id: str = ""
+                   ) -> tuple[Instance, ...]:
     dep = config.deployment
     assert isinstance(dep, VllmDeployment)
     runtime = config.execution.runtime
@@ -275,7 +277,8 @@ def plan_instances(config: Config, host: HostFacts) -> tuple[Instance, ...]:
     check_host_fits(host, need, count, dep, isinstance(config.execution, SlurmExecution))
     model = model_source(dep, runtime)
     mounts = mounts_for(model, config.execution.hf_cache_dir, runtime)
-    env_names = _env_names(config.env_vars, dep.env_vars)
+    env_names = _env_names(config.env_vars, dep.env_vars,
+                           dict.fromkeys([apikey.VLLM_ENV] if dep.exposed else []))
     literals = tuple(sorted(plain_literals({**config.env_vars, **dep.env_vars}).items()))
     out = []
     for i in range(count):
@@ -286,8 +289,9 @@ def plan_instances(config: Config, host: HostFacts) -> tuple[Instance, ...]:
                 "or execution.instances_per_host"
             )
         gpus = tuple(range(i * need, (i + 1) * need))
-        # the harness runs beside the server (on its host, or in the same Slurm job)
-        argv = vllm_argv(dep, model, port, LOOPBACK)
+        # the harness runs beside the server (on its host, or in the same Slurm job); the
+        # API is bound to loopback unless deployment.host opens it
+        argv = vllm_argv(dep, model, port, dep.host)
         name = container_name(i)
         env = (process_env(config, gpus) if runtime == "process" else ()) + literals
         digest = spec_hash(
@@ -298,6 +302,7 @@ def plan_instances(config: Config, host: HostFacts) -> tuple[Instance, ...]:
             gpus=gpus,
             runtime=runtime,
             **({"process_env": env} if env else {}),
+            **({"api_key": api_key_id} if api_key_id else {}),
         )
         out.append(
             Instance(host.name, i, name, port, gpus, argv, dep.image, model, mounts,
@@ -335,7 +340,9 @@ def _task_run(config: Config, task: Task, info: TaskInfo, host: str,
         dep = config.deployment
         assert isinstance(dep, VllmDeployment)
         url = inst.base_url + endpoint_path(dep, etype)
-    env = _env_names(config.env_vars, config.evaluation.env_vars, task.env_vars)
+    env = _env_names(config.env_vars, config.evaluation.env_vars, task.env_vars,
+                     dict.fromkeys([apikey.HARNESS_ENV] if inst and apikey.keyed(config)
+                                   else []))
     literals = tuple(sorted(plain_literals(
         {**config.env_vars, **config.evaluation.env_vars, **task.env_vars}).items()))
     volumes = (f"{task.dataset_dir}:{task.dataset_mount_path}:ro",) if task.dataset_dir else ()
@@ -351,9 +358,11 @@ def task_run_config(config: Config, task: Task, info: TaskInfo, etype: str,
     dep = config.deployment
     ep = config.target.api_endpoint
     model_id = dep.served_model_name if isinstance(dep, VllmDeployment) else ep.model_id
+    key_name = ((apikey.HARNESS_ENV if apikey.keyed(config) else None)
+                if isinstance(dep, VllmDeployment) else ep.api_key_name)
     base = run_config(info.name, info.harness, url, model_id or "", etype
                       if etype in ENDPOINT_TYPES else "chat", TASK_RESULTS_DIR,
-                      api_key_name=None if isinstance(dep, VllmDeployment) else ep.api_key_name)
+                      api_key_name=key_name)
     merged = deep_merge(deep_merge(base, config.evaluation.nemo_evaluator_config),
                         task.nemo_evaluator_config)
     params = (merged.get("config") or {}).get("params") or {}
@@ -420,9 +429,15 @@ def check_unique_hosts(hosts: list[HostFacts]) -> None:
         seen.add(h.name)
 
 
-def plan(config: Config, hosts: list[HostFacts]) -> Plan:
-    """The whole plan. ``hosts`` is ignored for slurm execution (the allocation is planned)."""
+def plan(config: Config, hosts: list[HostFacts], api_key_id: str = "") -> Plan:
+    """The whole plan. ``hosts`` is ignored for slurm execution (the allocation is planned).
+    ``api_key_id``: the fingerprint of the deployment's API key (apikey.fingerprint), part
+    of each instance's spec (a new key recreates the servers that require the old one)."""
     if isinstance(config.execution, SlurmExecution):
+        if apikey.needed(config):
+            raise PlanError(f"deployment.host: {config.deployment.host} opens the API, which "
+                            "evalprov does not do on Slurm (the tasks run in the server's own "
+                            "job); remove deployment.host")
         hosts = slurm_hosts(config.execution)
     if not hosts:
         raise PlanError("inventory: no hosts to plan for; give -i INVENTORY with at least one "
@@ -433,14 +448,15 @@ def plan(config: Config, hosts: list[HostFacts]) -> Plan:
     instances: dict[str, tuple[Instance, ...]] = {}
     if isinstance(dep, VllmDeployment):
         need = gpus_per_instance(dep, config.execution.device)
-        errors = []
+        errors, failed = [], []
         for h in hosts:
             try:
-                instances[h.name] = plan_instances(config, h)
+                instances[h.name] = plan_instances(config, h, api_key_id)
             except PlanError as exc:
                 errors.extend(exc.lines)
+                failed.append(h.name)
         if errors:
-            raise PlanError(*errors)
+            raise PlanError(*errors, hosts=tuple(failed))
         if any(h.gpus is None for h in hosts):
             notes.append("GPU counts not given for some hosts: GPU fit is checked by the "
                          "preflight of `evalprov apply` (or pass --gpus N / --facts FILE)")

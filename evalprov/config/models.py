@@ -59,7 +59,7 @@ PLANNED_OPTIONS = {
     "--data-parallel-size": "deployment.data_parallel_size",
     "-dp": "deployment.data_parallel_size",
     "--port": "deployment.port",
-    "--host": "the plan (each instance listens on its host's loopback address)",
+    "--host": "deployment.host",
     "--served-model-name": "deployment.served_model_name",
     "--gpu-memory-utilization": "deployment.gpu_memory_utilization",
     "--model": "deployment.checkpoint_path or deployment.hf_model_handle",
@@ -237,6 +237,13 @@ class VllmDeployment(_EnvVarsMixin):
     ] = None
     served_model_name: Annotated[str, Field(description="Model name the endpoint serves.")]
     port: Annotated[Int, Field(ge=1, le=65535, description="Port of the first instance.")] = 8000
+    host: Annotated[
+        str,
+        Field(description="The address vLLM's API binds to (`vllm serve --host`): 127.0.0.1 "
+              "(the default: loopback only, health checks and tasks run on the host itself) "
+              "or 0.0.0.0 / :: (every interface: the API is reachable from the network, so "
+              "evalprov gives the deployment an API key, VLLM_API_KEY)."),
+    ] = "127.0.0.1"
     tensor_parallel_size: Annotated[
         Int, Field(ge=1, le=MAX_PARALLEL, description="TP size.")] = 8
     pipeline_parallel_size: Annotated[
@@ -266,6 +273,29 @@ class VllmDeployment(_EnvVarsMixin):
                 f"{value!r} is not a container image reference; use e.g. vllm/vllm-openai:v0.11.0"
             )
         return value
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        import ipaddress
+
+        try:
+            addr = ipaddress.ip_address(value)
+        except ValueError:
+            raise ValueError(f"{_short(value)} is not an IP address; use 127.0.0.1 (loopback "
+                             "only) or 0.0.0.0 (every interface, with an API key)") from None
+        if not (addr.is_loopback or addr.is_unspecified):
+            raise ValueError(f"{value} is one interface's address, which differs from host to "
+                             "host; use 127.0.0.1 (loopback only) or 0.0.0.0 / :: (every "
+                             "interface, with an API key)")
+        return value
+
+    @property
+    def exposed(self) -> bool:
+        """The API listens beyond loopback (deployment.host 0.0.0.0 or ::)."""
+        import ipaddress
+
+        return not ipaddress.ip_address(self.host).is_loopback
 
     @field_validator("served_model_name")
     @classmethod

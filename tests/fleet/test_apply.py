@@ -301,3 +301,65 @@ def test_template_and_shell_payloads_reach_vllm_as_written_and_run_nothing(fleet
     assert argv[argv.index("--chat-template") + 1] == payload
     assert argv[argv.index("--x-note") + 1] == header
     assert f"PLAIN_NOTE={header}" in containers(fleet, "h3")["evalprov-vllm-0"]["env"]
+
+
+def test_a_moved_image_digest_is_pulled_and_recreates_the_instance(fleet3, tmp_path):
+    """image_pull_policy always: a new image pushed under the same tag is pulled on the next
+    apply and the instance is recreated on it; one more apply without a push changes
+    nothing."""
+    import secrets
+
+    fleet, inv = fleet3
+    reg = fleet.registry
+    tag = f"evalprov-moving-{secrets.token_hex(4)}"
+    ref = f"{reg.addr}/vllm/vllm-openai:{tag}"
+
+    def push(label: str) -> str:
+        """A new image (the stand-in with another label) under the same tag, pushed from h1;
+        its digest in the registry."""
+        fleet.docker("h1", "pull", f"{reg.addr}/{STANDIN_IMAGE}", timeout=300)
+        ctr = f"evalprov-moving-{label}"
+        fleet.docker("h1", "create", "--name", ctr, f"{reg.addr}/{STANDIN_IMAGE}")
+        try:
+            fleet.docker("h1", "commit", "--change", f"LABEL evalprov.test.build={label}", ctr,
+                         ref)
+            fleet.docker("h1", "push", ref, timeout=300)
+        finally:
+            fleet.docker("h1", "rm", "-f", ctr, check=False)
+            fleet.docker("h1", "rmi", ref, f"{reg.addr}/{STANDIN_IMAGE}", check=False)
+        return reg.manifest_digest("vllm/vllm-openai", tag)
+
+    def image_of(name: str = "evalprov-vllm-0") -> tuple[str, str]:
+        info = json.loads(_out(fleet.docker("h3", "inspect", name)))[0]
+        return info["Id"], info["Image"]
+
+    first = push("1")
+    config = write_config(tmp_path, execution__instances_per_host=1,
+                          execution__image_pull_policy="always",
+                          deployment__image=f"vllm/vllm-openai:{tag}")
+    _, result, _, code, text = run_apply(config, inv, limit="h3")
+    assert code == 0, text
+    ctr1, img1 = image_of()
+    digests = json.loads(_out(fleet.docker("h3", "image", "inspect", img1)))[0]["RepoDigests"]
+    assert any(d.endswith(first) for d in digests)
+
+    _, again, _, code, text = run_apply(config, inv, limit="h3")
+    assert code == 0, text
+    assert again.hosts["h3"].changed == 0, text
+    assert image_of() == (ctr1, img1)
+
+    moved = push("2")
+    assert moved != first
+    _, result, _, code, text = run_apply(config, inv, limit="h3")
+    assert code == 0, text
+    assert result.hosts["h3"].changed > 0
+    ctr2, img2 = image_of()
+    assert ctr2 != ctr1 and img2 != img1
+    digests = json.loads(_out(fleet.docker("h3", "image", "inspect", img2)))[0]["RepoDigests"]
+    assert any(d.endswith(moved) for d in digests)
+    assert containers(fleet, "h3")["evalprov-vllm-0"]["running"]
+
+    _, steady, _, code, text = run_apply(config, inv, limit="h3")
+    assert code == 0, text
+    assert steady.hosts["h3"].changed == 0, text
+    assert image_of() == (ctr2, img2)

@@ -5,8 +5,12 @@ ifeval and gpqa_diamond against the stand-in vLLM server; results land on the co
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -38,13 +42,15 @@ def eval_fleet(fleet_factory, standin_image, tmp_path):
             fleet.docker(h.name, "rm", "-f", *names, check=False)
 
 
-def write_config(tmp_path: Path, image: str, tasks: list[dict], **execution) -> Path:
+def write_config(tmp_path: Path, image: str, tasks: list[dict], deployment: dict | None = None,
+                 **execution) -> Path:
     cfg = {
         "defaults": [{"execution": "baremetal"}, {"deployment": "vllm"}, "_self_"],
         "execution": {"output_dir": str(tmp_path / "out"), "health_check_timeout": 60,
                       **execution},
         "deployment": {"image": STANDIN_IMAGE, "hf_model_handle": "meta-llama/Llama-3.1-8B",
-                       "served_model_name": "llama", "tensor_parallel_size": 1},
+                       "served_model_name": "llama", "tensor_parallel_size": 1,
+                       **(deployment or {})},
         "evaluation": {"nemo_evaluator_config": PARAMS,
                        "tasks": [{"container": image, **t} for t in tasks]},
     }
@@ -142,3 +148,174 @@ def test_missing_task_secret_is_an_error_before_anything_starts(eval_fleet, tmp_
     assert not (tmp_path / "out").exists()
     for h in fleet.hosts:
         assert fleet.docker(h.name, "ps", "-aq").stdout.strip() == b""
+
+
+# Lists every process (of the host it runs on) whose argv or environment holds one of the
+# values (given hex-encoded, so they are in no argv themselves), and whether it runs in a
+# container (a pid namespace other than this one's).
+SCAN = """
+import json, os, sys
+values = [bytes.fromhex(v) for v in sys.argv[2:]]
+skip = {int(p) for p in sys.argv[1].split(",") if p}
+me = os.readlink("/proc/self/ns/pid")
+out = []
+for pid in os.listdir("/proc"):
+    if not pid.isdigit() or int(pid) in skip:
+        continue
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmd = f.read()
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = f.read()
+        ns = os.readlink(f"/proc/{pid}/ns/pid")
+    except OSError:
+        continue
+    argv_hits = [i for i, v in enumerate(values) if v in cmd]
+    env_hits = [i for i, v in enumerate(values) if v in env]
+    if argv_hits or env_hits:
+        out.append({"pid": int(pid), "argv_hits": argv_hits, "env_hits": env_hits,
+                    "container": ns != me,
+                    "cmd": "<redacted>" if argv_hits else cmd.replace(b"\\0", b" ")
+                    .decode(errors="replace")[:160]})
+print(json.dumps(out))
+"""
+
+
+def holders(fleet, host: str | None, values: list[str], skip: tuple[int, ...] = ()) -> list:
+    """SCAN on a host (None: on the controller, where "container" marks every process in
+    another pid namespace: a container, or a fake host)."""
+    argv = ["python3", "-c", SCAN, ",".join(map(str, skip)), *(v.encode().hex() for v in values)]
+    if host is None:
+        return json.loads(subprocess.run(argv, capture_output=True, text=True, check=True,
+                                         timeout=60).stdout)
+    return json.loads(fleet.exec(host, argv, timeout=60).stdout.decode())
+
+
+def test_secrets_passed_every_way_and_the_api_key_of_an_opened_api_leave_no_value_anywhere(
+        eval_fleet, tmp_path):
+    """deployment.host 0.0.0.0 keys the deployment; secrets reach the servers and tasks by a
+    bare NAME, host:NAME, lit: with a secret name, and -o ...env_vars.X=lit:VALUE. The
+    harness scores with the key (the server refuses requests without it), and no value is in
+    any file under the output_dir (ledger, lock, ansible artifacts, results), on the hosts'
+    disks, in any process's argv, in the docker CLI's or Ansible's environment, or in any
+    harness container's config, during the run or after it; the servers' own environment
+    and container config hold the deployment's values only."""
+    from evalprov import apikey
+    from evalprov.apply import output_root, owner_id
+    from evalprov.config.loader import load_config as load
+    from tests.testbed.util import http_request
+
+    fleet, inv, image = eval_fleet
+    tag = secrets.token_hex(6)
+    bare, hosted, literal, override = (f"{k}-{tag}-{secrets.token_hex(6)}"
+                                       for k in ("bare", "hosted", "literal", "override"))
+    task_only = [bare, literal]  # given to tasks only: in no server either
+    config = write_config(tmp_path, image, [
+        {"name": "ifeval", "env_vars": {"HF_TOKEN": "EVALPROV_TEST_BARE"}},
+        {"name": "gpqa_diamond", "env_vars": {"MY_API_TOKEN": f"lit:{literal}"}},
+    ], deployment={"host": "0.0.0.0",
+                   "env_vars": {"HF_TOKEN": "host:EVALPROV_TEST_HOSTED"}}, placement="shard")
+    xdg = tmp_path / "xdg"
+    env = {**os.environ, "XDG_CONFIG_HOME": str(xdg), "EVALPROV_TEST_BARE": bare,
+           "EVALPROV_TEST_HOSTED": hosted}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "evalprov.cli", "apply", str(config), "-i", str(inv), "-o",
+         f"deployment.env_vars.X_SECRET_TOKEN=lit:{override}"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    plain = [bare, hosted, literal, override]
+    seen: dict[str, list] = {"inspect": [], "argv": [], "env": [], "controller": []}
+    stop = threading.Event()
+
+    def watch() -> None:  # what a user of the hosts could see while the run goes on
+        while not stop.is_set():
+            for h in fleet.hosts:
+                ids = fleet.docker(h.name, "ps", "-q", check=False).stdout.decode().split()
+                if ids:
+                    out = fleet.docker(h.name, "inspect", *ids, check=False).stdout.decode()
+                    seen["inspect"].extend(json.loads(out or "[]"))
+                for p in holders(fleet, h.name, plain):
+                    seen["argv" if p["argv_hits"] else "env"].append((h.name, p))
+            seen["controller"].extend(holders(fleet, None, plain, (proc.pid, os.getpid())))
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        out, _ = proc.communicate(timeout=900)
+    finally:
+        stop.set()
+        watcher.join(timeout=120)
+    text = out.decode(errors="replace")
+    assert proc.returncode == 0, text
+
+    loaded = load(config, (), default_execution="baremetal")
+    key = apikey.deployment_key(loaded.config, owner_id(output_root(loaded)), {},
+                                xdg / "evalprov" / "secret")
+    assert key and stat_mode(xdg / "evalprov" / "secret") == 0o600
+    values = [*plain, key]
+    for v in values:
+        assert v not in text
+
+    # the API is opened and keyed: reachable from the controller, only with the key
+    for h in fleet.hosts:
+        url = fleet.url(h.name, 8000, "/v1/models")
+        assert http_request(url, timeout=10)[0] == 401
+        status, _, body = http_request(url, headers={"Authorization": f"Bearer {key}"},
+                                       timeout=10)
+        assert status == 200 and b"llama" in body
+    # the harness sent it: both tasks scored
+    summary = json.loads(next((tmp_path / "out").glob("*/summary.json")).read_text())
+    assert {t["task"]: t["status"] for t in summary["tasks"]} == {
+        "ifeval": "succeeded", "gpqa_diamond": "succeeded"}
+
+    # the watcher saw harness containers: none held a value in its config
+    harness = [c for c in seen["inspect"]
+               if (c["Config"]["Labels"] or {}).get("evalprov.managed") == "eval"]
+    assert harness, "no harness container was seen running"
+    for c in seen["inspect"]:
+        blob = json.dumps(c)
+        server = (c["Config"]["Labels"] or {}).get("evalprov.managed") == "true"
+        for v in values:
+            if server and v in (hosted, override, key):  # the server's own environment
+                assert v not in json.dumps({k: x for k, x in c.items() if k != "Config"})
+                assert v not in json.dumps({k: x for k, x in c["Config"].items()
+                                            if k != "Env"})
+            else:
+                assert v not in blob, (c["Name"], values.index(v))
+    # no process's argv held a value; only processes in containers held one in their
+    # environment (the servers, and the harness while it ran), never the docker CLI,
+    # Ansible's modules or sshd on the hosts, nor ansible-playbook on the controller
+    assert seen["argv"] == []
+    assert [p for _, p in seen["env"] if not p["container"]] == []
+    # (the controller's own pid namespace: the fake hosts' processes are checked above)
+    assert [p for p in seen["controller"] if not p["container"]] == []
+
+    # after the run: no file under the output_dir, no file on the hosts
+    leaked = [str(p) for p in (tmp_path / "out").rglob("*")
+              if p.is_file() and any(v.encode() in p.read_bytes() for v in values)]
+    assert leaked == []
+    assert list((tmp_path / "out").glob("*/ansible/artifacts/*"))  # the artifacts were read
+    for h in fleet.hosts:
+        for v in values:
+            # docker keeps a server container's environment in its own state (config.v2.json,
+            # the OCI spec under /run): that is where a container's environment lives; the
+            # task-only values must not be there either
+            where = "/var/lib/evalprov /tmp /root /run/evalprov" + (
+                " /run /var/lib/docker" if v in task_only else "")
+            found = fleet.exec(h.name, ["sh", "-c", f"grep -rlF -- {v} {where} 2>/dev/null; "
+                                        "true"], timeout=120)
+            assert found.stdout.decode().split() == [], (h.name, values.index(v))
+        # ps auxeww: the task-only values are gone with the tasks; the others are held by
+        # the servers only (in their containers)
+        for p in holders(fleet, h.name, values):
+            assert p["container"] and not p["argv_hits"], p
+            assert not {values.index(v) for v in task_only} & set(p["env_hits"]), p
+        for c in json.loads(fleet.docker(h.name, "inspect", *fleet.docker(
+                h.name, "ps", "-aq").stdout.decode().split()).stdout.decode()):
+            for v in task_only:
+                assert v not in json.dumps(c)
+            assert key not in json.dumps(c["Config"]["Cmd"]) + json.dumps(c["Args"])
+
+
+def stat_mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777

@@ -20,8 +20,10 @@ from evalprov.decide import (
     decide_in_ansible,
     dump_inputs,
     role_vars,
+    safe_decide,
     task_action,
 )
+from evalprov.errors import PlanError
 from evalprov.plan import HostFacts as PlanHost
 from evalprov.plan import Plan, plan
 
@@ -95,6 +97,32 @@ def no_tasks(p: Plan) -> Plan:
 def one(p: Plan, f: HostFacts, host: str = "h") -> tuple[tuple[str, ...], HostActions]:
     c = check(p, {host: f})
     return c.problems, c.hosts[host]
+
+
+def raw(f: HostFacts) -> dict[str, Any]:
+    """The probe's return value that parses to f (the parts check reads)."""
+    return {"evalprov_facts": True,
+            "gpus": {"count": f.gpu_count, "error": f.gpu_error},
+            "docker": {"present": f.docker_present, "running": f.docker_running,
+                       "nvidia_runtime": f.nvidia_runtime, "root_dir": f.docker_root,
+                       "image": {"id": f.image_id, "digests": list(f.image_digests)},
+                       "remote_digest": f.remote_digest},
+            "listening": sorted(f.listening), "dirs": dict(f.dirs),
+            "disk_free_gib": dict(f.disk_free_gib), "venvs": dict(f.venvs), "units": {}}
+
+
+def decide_in_ansible_for(inputs: Inputs, probed: dict[str, tuple[dict[str, Any], bool]]
+                          ) -> dict[str, Any]:
+    import os
+    import tempfile
+
+    fd, path = tempfile.mkstemp()
+    try:
+        os.write(fd, dump_inputs(inputs))
+        os.close(fd)
+        return decide_in_ansible(path, probed)
+    finally:
+        os.unlink(path)
 
 
 def inputs_for(config, hosts: list[PlanHost], **kw: Any) -> Inputs:
@@ -250,6 +278,90 @@ def test_every_problem_of_every_host_is_reported_at_once(gpu_plan):
                   "b": facts(listening=[8000])})
     assert [line.split(":")[0] for line in c.problems] == ["host a", "host a", "host b"]
     assert set(c.hosts) == {"a", "b"}
+
+
+def test_a_host_too_small_to_plan_does_not_hide_the_other_hosts_problems(vllm_config):
+    """The plan cannot be made for h3 (2 GPUs, TP 4): every other host's problems (and
+    h3's own besides its GPUs) are still named, one line each, and nothing is decided."""
+    config = vllm_config(deployment={"image": PINNED, "tensor_parallel_size": 4})
+    inputs = inputs_for(config, [PlanHost(h, None) for h in ("h1", "h2", "h3")])
+    probed = {"h1": facts(8),
+              "h2": facts(8, docker_running=False, docker_nvidia_runtime=False),
+              "h3": facts(2, docker_present=False, docker_running=False)}
+    with pytest.raises(PlanError) as err:
+        decide(inputs, probed)
+    assert err.value.hosts == ("h3",)
+    d, problems = safe_decide(inputs, probed)
+    assert d is None
+    assert problems == [
+        "host h3: has 2 GPUs but one instance needs 4 (tensor_parallel_size 4 x "
+        "pipeline_parallel_size 1 x data_parallel_size 1); lower the parallel sizes to fit "
+        "2 GPUs or drop the host from the inventory",
+        "host h2: docker is installed but dockerd does not answer; start it",
+        "host h3: docker is not installed; install docker",
+    ]
+    # the same through the action plugin's entry point: failed, every line, no host's vars
+    out = decide_in_ansible_for(inputs, {h: (raw(f), False) for h, f in probed.items()})
+    assert out["failed"] is True and out["hosts"] == {} and out["problems"] == problems
+
+
+def test_a_plan_error_of_every_host_is_reported_as_it_is(vllm_config):
+    config = vllm_config(deployment={"image": PINNED, "tensor_parallel_size": 4})
+    inputs = inputs_for(config, [PlanHost("a", None), PlanHost("b", None)])
+    d, problems = safe_decide(inputs, {"a": facts(2), "b": facts(1, docker_present=False)})
+    assert d is None
+    assert [p.split(":")[0] for p in problems] == ["host a", "host b", "host b"]
+    assert problems[2] == "host b: docker is not installed; install docker"
+
+
+def test_a_plan_error_not_of_a_host_is_reported_alone(vllm_config):
+    config = vllm_config(deployment={"image": PINNED},
+                         tasks=[{"name": "ifeval", "nemo_evaluator_config": {
+                             "config": {"params": {"bogus": 1}}}}])
+    inputs = inputs_for(config, [PlanHost("a", None)])
+    d, problems = safe_decide(inputs, {"a": facts(8, docker_present=False)})
+    assert d is None
+    assert len(problems) == 1 and "config.params.bogus is not a harness parameter" in problems[0]
+
+
+def _none_config(make_config, runtime: str = "docker"):
+    return make_config({
+        "defaults": [{"execution": "baremetal"}, {"deployment": "none"}, "_self_"],
+        "execution": {"output_dir": "/results", "runtime": runtime},
+        "target": {"api_endpoint": {"url": "http://10.0.0.5:8000/v1/chat/completions",
+                                    "model_id": "m"}},
+        "evaluation": {"tasks": [{"name": "ifeval"}, {"name": "gpqa_diamond"}]},
+    })
+
+
+@pytest.mark.parametrize(("over", "line"), [
+    ({"docker_present": False, "docker_running": False},
+     "host a: docker is not installed (its evaluation tasks run in containers); install "
+     "docker"),
+    ({"docker_running": False},
+     "host a: docker is installed but dockerd does not answer (its evaluation tasks run in "
+     "containers); start it"),
+])
+def test_docker_is_checked_on_a_host_that_only_runs_tasks(make_config, over, line):
+    config = _none_config(make_config)
+    p = plan(config, [PlanHost("a", 0), PlanHost("b", 0)])
+    assert p.host("a").tasks and not p.host("a").instances
+    f = facts(0, docker_nvidia_runtime=False, **over)
+    assert check(p, {"a": f, "b": facts(0)}).problems == (line,)
+    # decide refuses the run before any task starts
+    d = decide(inputs_for(config, [PlanHost("a", 0), PlanHost("b", 0)]),
+               {"a": f, "b": facts(0)})
+    assert d.problems == (line,)
+
+
+def test_docker_on_a_task_only_host_is_not_needed_without_tasks_or_by_process(make_config):
+    config = _none_config(make_config)
+    p = plan(config, [PlanHost("a", 0)])
+    no_docker = facts(0, docker_present=False, docker_running=False)
+    assert check(no_tasks(p), {"a": no_docker}).problems == ()
+    proc = plan(_none_config(make_config, "process"), [PlanHost("a", 0)])
+    assert check(proc, {"a": dataclasses.replace(no_docker, venvs={"harness": True})}
+                 ).problems == ()
 
 
 def test_hosts_without_facts_are_left_out(gpu_plan):

@@ -213,8 +213,9 @@ def test_deployment_none_renders_no_instances(make_config):
     assert host["evalprov_plan_tasks"][0]["instance"] is None
     assert inv["all"]["vars"]["evalprov_image_name"] is None
     assert inv["all"]["vars"]["evalprov_preflight_dirs"] == []
-    # no GPU, no docker, no port needed: a bare host passes the check
-    checked = check(p, {"a": Probed(gpu_count=0, listening=frozenset({8000}))})
+    # no GPU, no port needed: a host with dockerd (the tasks' containers) passes the check
+    checked = check(p, {"a": Probed(gpu_count=0, listening=frozenset({8000}),
+                                    docker_present=True, docker_running=True)})
     assert checked.problems == ()
     assert checked.hosts["a"].start == () and checked.hosts["a"].tasks == 1
 

@@ -404,8 +404,10 @@ def test_deployment_none_plans_no_instances_and_points_tasks_at_the_target(make_
     host = render(p)["all"]["hosts"]["a"]
     assert host["evalprov_plan_instances"] == [] and host["evalprov_plan_gpus"] is None
     assert p.image is None and p.checkpoints == () and p.disk_paths == ()
-    # a host with no GPU and no docker fits: nothing is served there
-    assert check(p, {"a": Probed(gpu_count=0), "b": Probed(gpu_count=0)}).problems == ()
+    # a host with no GPU fits: nothing is served there (dockerd runs the tasks' containers)
+    up = {"docker_present": True, "docker_running": True}
+    assert check(p, {"a": Probed(gpu_count=0, **up), "b": Probed(gpu_count=0, **up)}
+                 ).problems == ()
 
 
 # --------------------------------------------------------------------------- slurm

@@ -125,20 +125,23 @@ def container_state(name):
 # ---------------------------------------------------------------------------- HTTP health
 
 
-def http_get(url, timeout=3):
+def http_get(url, timeout=3, headers=None):
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - loopback
+        req = urllib.request.Request(url, headers=headers or {})  # noqa: S310 - loopback
+        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - loopback
             return resp.status, resp.read(65536)
     except Exception:
         return 0, b""
 
 
-def health(port, health_path, served):
-    """(serving, reason): /health answers 200 and /v1/models lists the served name."""
+def health(port, health_path, served, api_key=None):
+    """(serving, reason): /health answers 200 and /v1/models lists the served name (asked
+    with the deployment's API key, when its servers require one)."""
     status, _ = http_get(f"http://127.0.0.1:{port}{health_path}")
     if status != 200:
         return False, f"{health_path} not 200"
-    status, body = http_get(f"http://127.0.0.1:{port}/v1/models")
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+    status, body = http_get(f"http://127.0.0.1:{port}/v1/models", headers=headers)
     try:
         ids = [m.get("id") for m in json.loads(body or b"{}").get("data", [])]
     except (ValueError, AttributeError):

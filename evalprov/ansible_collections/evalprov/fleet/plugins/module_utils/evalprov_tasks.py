@@ -3,9 +3,12 @@ the evalprov_run_tasks module (a host of the fleet) and the Slurm job driver (ev
 on a compute node): the directory, container name, adapter address, run config, environment
 and command all come in the task; each task's results and log are packed into one archive.
 
-Secret values reach the harness only through the environment of the process that starts it:
-`docker run -e NAME` (the value is read from the docker CLI's own environment, never on a
-command line) and `--rm`, so no stopped container keeps them; nothing is written to disk.
+Secret values reach the harness only through its own environment. The process runtime starts
+it with them. In a container they would be part of the container's config (`docker run -e`
+puts every value there, for `docker inspect` to show), and the docker CLI would hold them in
+its environment: instead they go to the container on stdin (`docker run -i`, one JSON line)
+and a fixed python3 line in the container puts them into the environment and execs the
+harness's command. Nothing is written to disk, and `--rm` leaves no stopped container.
 
 A host's tasks can also run detached from the module that starts them (`start`), so that the
 controller follows them with short `poll` calls (each one a retry event it shows): the
@@ -50,11 +53,17 @@ def tail(path, lines):
     return "\n".join(text.splitlines()[-lines:])
 
 
+# Run in the task's container before its command when it has secret values: read them from
+# stdin (one JSON line), put them into the environment, exec the command (argv[1:]).
+ENV_FROM_STDIN = ("import json, os, sys; os.environ.update(json.loads(sys.stdin.readline())); "
+                  "os.execvp(sys.argv[1], sys.argv[1:])")
+
+
 def command(p, task, values):
-    """argv, env and cwd for one task, as planned; secret values only in the environment."""
+    """argv, env, cwd and stdin data for one task, as planned; secret values only in the
+    harness's environment (in a container: through its stdin)."""
     env = dict(os.environ)
     env.update(task["env"])
-    env.update(values)
     if p["runtime"] == "docker":
         docker = shutil.which("docker") or "docker"
         argv = [docker, "run", "--rm", "--name", task["container_name"], "--network", "host",
@@ -63,12 +72,16 @@ def command(p, task, values):
             argv += ["--label", f"{key}={value}"]
         for vol in task.get("volumes") or []:
             argv += ["-v", vol]
-        for key in sorted({**task["env"], **values}):
-            argv += ["-e", key]  # the value comes from this process's environment
-        return [*argv, task["container"], *task["argv"]], env, task["cwd"]
+        for key in sorted(task["env"]):
+            argv += ["-e", key]  # the (non-secret) value comes from this process's environment
+        if not values:
+            return [*argv, task["container"], *task["argv"]], env, task["cwd"], None
+        return ([*argv, "-i", task["container"], "python3", "-c", ENV_FROM_STDIN,
+                 *task["argv"]], env, task["cwd"], (json.dumps(values) + "\n").encode())
+    env.update(values)
     if task.get("path_prepend"):
         env["PATH"] = task["path_prepend"] + os.pathsep + env.get("PATH", os.defpath)
-    return list(task["argv"]), env, task["cwd"]
+    return list(task["argv"]), env, task["cwd"], None
 
 
 def remove_stale_containers(owner):
@@ -91,15 +104,23 @@ def run_one(p, task):
     with open(os.path.join(tdir, "run_config.yml"), "w") as f:
         json.dump(task["run_config"], f, indent=1)  # JSON is YAML: no PyYAML on the host
     values = dict((p["env"] or {}).get(task["name"]) or {})
-    argv, env, cwd = command(p, task, values)
+    argv, env, cwd, stdin = command(p, task, values)
     log_path = os.path.join(logs, "harness.log")
     start = time.time()
     with open(log_path, "wb") as log:
         try:
             # its own process group, recorded: evalprov_stop_tasks stops it and all it started
             proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                    cwd=cwd, start_new_session=True)
+                                    cwd=cwd, start_new_session=True,
+                                    stdin=subprocess.DEVNULL if stdin is None
+                                    else subprocess.PIPE)
             write_pid(os.path.join(tdir, "harness.pid"), proc.pid)
+            if stdin is not None:
+                try:
+                    proc.stdin.write(stdin)
+                    proc.stdin.close()
+                except OSError:  # it exited already: its log says why
+                    pass
             try:
                 rc = proc.wait(timeout=p["timeout"])
             except subprocess.TimeoutExpired:

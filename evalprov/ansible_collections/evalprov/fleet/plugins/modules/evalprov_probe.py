@@ -49,6 +49,9 @@ options:
   served_model_name:
     description: Name /v1/models must list for an instance to count as serving.
     type: str
+  api_key:
+    description: The deployment's API key, sent to /v1/models when its servers require one.
+    type: str
 author: evalprov
 """
 
@@ -185,6 +188,7 @@ def main():
             "state_dir": {"type": "path", "default": "/var/lib/evalprov/vllm"},
             "health_path": {"type": "str", "default": "/health"},
             "served_model_name": {"type": "str"},
+            "api_key": {"type": "str", "no_log": True},
         },
         supports_check_mode=True,
     )
@@ -196,7 +200,7 @@ def main():
     for u in units.values():
         port = u.get("port")
         u["serving"] = bool(u["running"] and port and str(port).isdigit() and health(
-            int(port), p["health_path"], p["served_model_name"])[0])
+            int(port), p["health_path"], p["served_model_name"], p["api_key"])[0])
     disk = list(p["disk_paths"]) + ([dstate["root_dir"]] if docker else [])
     module.exit_json(
         changed=False,

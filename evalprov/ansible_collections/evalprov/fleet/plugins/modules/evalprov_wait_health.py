@@ -43,6 +43,9 @@ options:
     description: Log lines of a failed instance returned (log_tail) for the controller.
     type: int
     default: 200
+  api_key:
+    description: The deployment's API key, sent to /v1/models when its servers require one.
+    type: str
 author: evalprov
 """
 
@@ -120,6 +123,7 @@ def main():
             "runtime": {"type": "str", "default": "docker"},
             "state_dir": {"type": "path", "default": "/var/lib/evalprov/vllm"},
             "log_lines": {"type": "int", "default": 200},
+            "api_key": {"type": "str", "no_log": True},
         },
         supports_check_mode=True,
     )
@@ -132,7 +136,8 @@ def main():
     healthy, why, restarts = {}, {}, {}
     while pending:
         for name, inst in list(pending.items()):
-            ok, reason = health(inst["port"], p["health_path"], p["served_model_name"])
+            ok, reason = health(inst["port"], p["health_path"], p["served_model_name"],
+                                p["api_key"])
             if ok:
                 healthy[name] = round(time.monotonic() - start, 1)
                 del pending[name]
