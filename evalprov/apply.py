@@ -31,7 +31,7 @@ from evalprov.decide import (
 from evalprov.errors import ConfigError, PlanError
 from evalprov.harness import SAMPLES_DIR
 from evalprov.inventory import common_vars, inventory_file, task_vars
-from evalprov.ledger import Ledger, locked
+from evalprov.ledger import Ledger, busy, locked
 from evalprov.plan import HostFacts, Plan, plan
 from evalprov.results import collect, write_atomic, write_summary
 from evalprov.runner import Progress, RunResult, run_playbook
@@ -201,6 +201,18 @@ def run(loaded: LoadedConfig, hosts: list[HostFacts], opts: Options,
     key = None
     if playbook == "site.yml":
         secret, per_task, key = with_api_key(loaded, owner_id(out), secret, per_task)
+    exe = loaded.config.execution
+    if isinstance(exe, SlurmExecution) and playbook == "destroy.yml" and busy(out):
+        # an apply follows the job and holds the output_dir: cancel the jobs (it sees them
+        # end and records how), touch nothing of the ledger
+        print(f"evalprov destroy: an evalprov apply holds {out} and follows the job; it "
+              "records how the job ends", file=sys.stderr)
+        run_dir = out / "destroy" / new_run_id()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        inventories = [str(Path(i).resolve()) for i in
+                       [*([opts.inventory] if opts.inventory else []),
+                        slurm_inventory(loaded, run_dir)]]
+        return destroy_slurm(loaded, owner_id(out), (), run_dir, inventories, opts, None)
     with locked(out):
         ledger = Ledger(out)
         try:
@@ -264,7 +276,8 @@ def _run_locked(loaded, hosts, opts, playbook, secret, per_task, out, ledger, ke
     exe = loaded.config.execution
     on_slurm = isinstance(exe, SlurmExecution)
     if on_slurm and inputs.destroy:
-        return destroy_slurm(loaded, inputs, provisional, run_dir, inventories, opts, ledger)
+        return destroy_slurm(loaded, inputs.owner, provisional, run_dir, inventories, opts,
+                             ledger)
     if on_slurm:
         pre = decide_slurm(inputs, {})
         playbook = "slurm.yml"
@@ -345,7 +358,7 @@ def _run_locked(loaded, hosts, opts, playbook, secret, per_task, out, ledger, ke
     d = decided.get("d")
     if result.interrupted and d is not None and not opts.check and d.plan.task_runs:
         if on_slurm:
-            stop_slurm(d, inputs, run_dir, inventories, opts, exe)
+            stop_slurm(d, inputs, run_dir, inventories, opts, exe, progress)
         else:
             stop_tasks(d, inputs, run_dir, inventories, opts)
     if result.facts:
@@ -366,7 +379,7 @@ SLURM_POLL_DELAY = 3
 
 
 def stop_slurm(d: Decision, inputs: Inputs, run_dir: Path, inventories: list[str],
-               opts: Options, exe: SlurmExecution) -> None:
+               opts: Options, exe: SlurmExecution, progress: Progress) -> None:
     """After an interrupt: cancel the run's job chain (its driver stops vLLM and the
     harness) and fetch the results of the tasks that had finished."""
     print(f"interrupted: cancelling this run's Slurm job on {exe.hostname} and fetching the "
@@ -375,24 +388,28 @@ def stop_slurm(d: Decision, inputs: Inputs, run_dir: Path, inventories: list[str
         run_playbook("slurm_stop.yml", run_dir, inventories, {}, {
             "evalprov_stop_job_dir": slurm.job_dir(exe, inputs.run_id),
             "evalprov_stop_job_name": slurm.job_name(exe, inputs.owner),
-            "evalprov_stop_fetch_dir": str(run_dir / "fetch")}, limit=exe.hostname, forks=1)
+            "evalprov_stop_fetch_dir": str(run_dir / "fetch")}, limit=exe.hostname, forks=1,
+            progress=progress)  # its last look at the job (cancelled) is what is recorded
     except KeyboardInterrupt:
         print("interrupted again: not waiting for the job to end", file=sys.stderr)
 
 
-def destroy_slurm(loaded: LoadedConfig, inputs: Inputs, provisional: Plan, run_dir: Path,
-                  inventories: list[str], opts: Options, ledger: Ledger
+def destroy_slurm(loaded: LoadedConfig, owner: str, provisional: Plan | tuple, run_dir: Path,
+                  inventories: list[str], opts: Options, ledger: Ledger | None
                   ) -> tuple[Plan, RunResult, Path]:
-    """destroy on Slurm: scancel every job of this deployment (each stops what it started)."""
+    """destroy on Slurm: scancel every job of this deployment (each stops what it started).
+    provisional: the plan (its instances are marked gone), or () without a ledger."""
     exe = loaded.config.execution
     assert isinstance(exe, SlurmExecution)
-    name = slurm.job_name(exe, inputs.owner)
+    name = slurm.job_name(exe, owner)
     print(f"evalprov destroy{' --check' if opts.check else ''}: cancelling the jobs named "
           f"{name} on {exe.hostname}", file=sys.stderr)
     result = run_playbook("slurm_stop.yml", run_dir, inventories, {}, {
         "evalprov_stop_job_dir": "", "evalprov_stop_job_name": name,
         "evalprov_stop_fetch_dir": str(run_dir / "fetch")},
         check=opts.check, limit=exe.hostname, forks=1)
+    if ledger is None or isinstance(provisional, tuple):
+        return plan(loaded.config, []), result, run_dir
     if not opts.check and exe.hostname not in result.failed_hosts:
         ledger.mark_gone(exe.hostname, [i.name for i in provisional.instances])
     return provisional, result, run_dir

