@@ -118,6 +118,20 @@ class HostPlan:
 
 
 @dataclass(frozen=True)
+class AuxPlan:
+    """An auxiliary deployment (e.g. a judge model served beside the model under test, NEL's
+    auxiliary_deployments): planned like the main one, not served by evalprov yet."""
+
+    name: str
+    served_model_name: str
+    gpus: int  # per instance, tp x pp x dp
+    port: int
+    argv: tuple[str, ...]
+    image: str
+    model: ModelSource
+
+
+@dataclass(frozen=True)
 class Plan:
     execution: str
     deployment: str
@@ -139,6 +153,7 @@ class Plan:
     image_pull_policy: str | None = None  # missing | always | None: by the tag (check.py)
     checkpoints: tuple[str, ...] = ()  # host directories the instances serve from
     disk_paths: tuple[str, ...] = ()  # host directories that receive weights
+    auxiliary: tuple[AuxPlan, ...] = ()  # planned, not served yet (a warning says so)
 
     def host(self, name: str) -> HostPlan:
         for h in self.hosts:
@@ -495,7 +510,23 @@ def plan(config: Config, hosts: list[HostFacts], api_key_id: str = "") -> Plan:
                                   if i.model.kind == "checkpoint"})),
         disk_paths=tuple(sorted({m.source for i in instances_list(instances)
                                  for m in i.mounts if not m.read_only})),
+        auxiliary=plan_auxiliary(config),
     )
+
+
+def plan_auxiliary(config: Config) -> tuple[AuxPlan, ...]:
+    """Each vLLM auxiliary deployment as the main one is planned: its GPUs, port and exact
+    argv (type none names an endpoint that already exists: nothing to plan)."""
+    out = []
+    runtime = config.execution.runtime
+    for name, aux in sorted(config.auxiliary_deployments.items()):
+        if not isinstance(aux, VllmDeployment):
+            continue
+        model = model_source(aux, runtime)
+        out.append(AuxPlan(name, aux.served_model_name,
+                           gpus_per_instance(aux, config.execution.device), aux.port,
+                           vllm_argv(aux, model, aux.port, LOOPBACK), aux.image, model))
+    return tuple(out)
 
 
 def instances_list(instances: dict[str, tuple[Instance, ...]]) -> list[Instance]:

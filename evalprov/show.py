@@ -66,6 +66,12 @@ def plan_text(plan: Plan) -> str:
                      else f"harness venv {plan.harness_venv}")
             lines.append(f"  task {t.name} ({t.harness}, {t.endpoint_type}) -> {t.url}  "
                          f"{where}{env}")
+    for aux in plan.auxiliary:
+        lines.append("")
+        lines.append(f"auxiliary {aux.name} (planned, not served by evalprov yet): "
+                     f"{aux.served_model_name}  GPUs per instance {aux.gpus}  port {aux.port}")
+        lines.append(f"  image: {aux.image}")
+        lines.append(f"  argv: {shlex.join(aux.argv)}")
     for note in plan.notes:
         lines.append(f"note: {note}")
     return "\n".join(lines)

@@ -132,11 +132,32 @@ def test_seed_example_runs_as_one_job_and_scores_come_home(cluster, work, tmp_pa
     assert st.returncode == 0 and "ifeval" in st.stdout, st.stdout + st.stderr
     res = evalprov(cluster, "results", "--output-dir", str(local), "--format", "csv")
     assert "gpqa_diamond,h1,succeeded,score" in res.stdout, res.stdout
+    logs = evalprov(cluster, "logs", s["run"], "--output-dir", str(local), "--task", "ifeval")
+    assert logs.returncode == 0 and "ifeval" in logs.stdout, logs.stdout + logs.stderr
     # a second apply changes nothing and submits nothing
     again = apply_seed(cluster, work, local)
     assert again.returncode == 0, again.stderr
     assert "no job" in again.stderr
     assert cluster.squeue() == []
+
+
+def test_a_server_that_dies_ends_the_job_at_once_quoting_its_log(cluster, work, tmp_path):
+    """The stand-in crashes 3 s after start (STANDIN_EXIT_AFTER) with vLLM-like log lines:
+    the job ends at once (not at the readiness timeout), every task is failed with the
+    server's decisive line first, and nothing is left running."""
+    local = tmp_path / "results"
+    t0 = time.monotonic()
+    proc = apply_seed(cluster, work, local, "-o", "deployment.env_vars.STANDIN_EXIT_AFTER=lit:3",
+                      "-o", "deployment.env_vars.STANDIN_START_DELAY=lit:60",
+                      "-o", "execution.endpoint_readiness_timeout=600")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert time.monotonic() - t0 < 300  # far below the readiness timeout
+    for rec in summary(local)["tasks"]:
+        assert rec["status"] == "failed"
+        assert "vLLM stopped before it became healthy" in rec["error"], rec["error"]
+        assert "Engine core initialization failed" in rec["error"], rec["error"]
+    assert "Engine core initialization failed" in proc.stderr
+    nothing_runs(cluster)
 
 
 def test_check_shows_the_script_and_submits_nothing(cluster, work, tmp_path):

@@ -122,6 +122,22 @@ def container_state(name):
             "exit_code": st.get("ExitCode"), "restarts": int(c.get("RestartCount") or 0)}
 
 
+# ---------------------------------------------------------------------------- why it stopped
+
+# Lines that name why a server stopped, in vLLM's and Python's own words: the first one is
+# quoted first, ahead of the errors it causes further down the log.
+DECISIVE = ("must be divisible by", "out of memory", "OutOfMemoryError", "No such file",
+            "not found", "Permission denied", "Address already in use", "ValueError:",
+            "RuntimeError:", "OSError:", "ImportError:", "ModuleNotFoundError:", "error:")
+
+
+def decisive_line(text):
+    for line in text.splitlines():
+        if any(k in line for k in DECISIVE):
+            return line.strip()[:300]
+    return ""
+
+
 # ---------------------------------------------------------------------------- HTTP health
 
 

@@ -35,6 +35,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from ansible_collections.evalprov.fleet.plugins.module_utils.evalprov_host import (
+    decisive_line,
     health,
     read_pid,
     stop_group,
@@ -44,10 +45,6 @@ from ansible_collections.evalprov.fleet.plugins.module_utils.evalprov_tasks impo
     run_one,
     tail,
 )
-
-DECISIVE = ("must be divisible by", "out of memory", "OutOfMemoryError", "No such file",
-            "not found", "Permission denied", "Address already in use", "ValueError:",
-            "RuntimeError:", "OSError:", "ImportError:", "ModuleNotFoundError:", "error:")
 
 
 def write_json(path, data):
@@ -72,13 +69,6 @@ def take_secrets(job_dir):
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
     return data if isinstance(data, dict) else {}
-
-
-def decisive(text):
-    for line in text.splitlines():
-        if any(k in line for k in DECISIVE):
-            return line.strip()[:300]
-    return ""
 
 
 def visible_gpus(planned):
@@ -229,7 +219,7 @@ class Job:
                 return None
             if not self.server_alive():
                 text = self.server_log(inst)
-                cause = decisive(text)
+                cause = decisive_line(text)
                 head = f"vLLM stopped before it became healthy on {self.state['node']}"
                 return f"{head}: {cause}" if cause else f"{head}; log tail: {text[-500:]}"
             if time.monotonic() > deadline:

@@ -57,16 +57,11 @@ import time
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.evalprov.fleet.plugins.module_utils.evalprov_host import (
     container_state,
+    decisive_line,
     health,
     is_ours,
     read_state,
 )
-
-# Lines that name why a server stopped, in vLLM's and Python's own words: the first one is
-# quoted first, ahead of the errors it causes further down the log.
-DECISIVE = ("must be divisible by", "out of memory", "OutOfMemoryError", "No such file",
-            "not found", "Permission denied", "Address already in use", "ValueError:",
-            "RuntimeError:", "OSError:", "ImportError:", "ModuleNotFoundError:", "error:")
 
 
 def process_state(state_dir, name):
@@ -92,13 +87,6 @@ def log_tail(runtime, state_dir, name, lines):
             return "\n".join(f.read().decode("utf-8", "replace").splitlines()[-lines:])
     except OSError as exc:
         return f"(no log: {exc})"
-
-
-def decisive_line(text):
-    for line in text.splitlines():
-        if any(k in line for k in DECISIVE):
-            return line.strip()[:300]
-    return ""
 
 
 def stopped_message(runtime, name, state, tail):

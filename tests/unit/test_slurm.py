@@ -1,0 +1,197 @@
+"""The Slurm job as evalprov decides it (evalprov/slurm.py, decide.decide_slurm): sbatch's
+options, the rendered script (every value one quoted shell word, nothing templated), the
+driver's job.json, the login node's facts against it, the auto-resume budget, and how a task
+that did not finish is explained. Pure: no cluster (tests/fleet/test_slurm.py has one)."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from evalprov import slurm
+from evalprov.config.loader import load_config
+from evalprov.decide import Inputs, decide_slurm
+from evalprov.errors import PlanError
+
+REPO = Path(__file__).resolve().parents[2]
+SEED = REPO / "examples" / "nel_seed.yaml"
+HOST = "your-cluster-headnode"
+
+
+def seed(*overrides: str):
+    """The seed with -o overrides (written as on the command line, "-o" words skipped)."""
+    return load_config(SEED, [o for o in overrides if o != "-o"]).config
+
+
+def decision(*overrides: str, raw=None, previous=None, rerun=None):
+    inputs = Inputs(config=seed(*overrides), hosts=(), run_id="r1", owner="own",
+                    previous=previous or {}, rerun=rerun)
+    return decide_slurm(inputs, raw or {})
+
+
+def test_seed_is_one_job_with_nels_directives_and_the_driver():
+    d = decision()
+    v = d.host_vars[HOST]
+    argv = v["evalprov_slurm_sbatch_argv"]
+    assert argv[:2] == ["sbatch", "--parsable"]
+    for opt in ("--job-name=nemo-evaluator-launcher.evalprov-own", "--account=your-account",
+                "--partition=batch", "--nodes=1", "--ntasks-per-node=1", "--time=02:00:00",
+                "--gres=gpu:8", "--exclusive", "--no-requeue",
+                "--output=/path/to/output/r1/slurm-%j.out", "--signal=B:USR1@120"):
+        assert opt in argv, opt
+        assert f"#SBATCH {opt}" in v["evalprov_slurm_script"]
+    assert v["evalprov_slurm_dir"] == "/path/to/output/r1"
+    spec = v["evalprov_slurm_spec"]
+    assert [t["name"] for t in spec["tasks"]] == ["ifeval", "gpqa_diamond"]
+    assert all(t["dir"].startswith("/path/to/output/r1/tasks/") for t in spec["tasks"])
+    assert spec["instance"]["argv"][:2] == ["vllm", "serve"]
+    assert "127.0.0.1" in spec["instance"]["argv"]  # the harness is in the same job
+    assert spec["walltime"] == 7200
+    assert spec["resumes_left"] == slurm.MAX_RESUMES  # 120 h / 2 h - 1, capped
+    assert len(d.to_run) == 2 and v["evalprov_state"] == "pending"
+
+
+def test_the_script_is_valid_bash_and_runs_only_the_driver():
+    script = decision().host_vars[HOST]["evalprov_slurm_script"]
+    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+    body = [line for line in script.splitlines() if line and not line.startswith("#")]
+    assert body[-1].startswith("exec python3 -m ansible_collections.evalprov.fleet.plugins."
+                               "module_utils.evalprov_job ")
+
+
+@pytest.mark.parametrize("value", [
+    "acct$(touch /tmp/evalprov-pwned)", "acct`id`", "acct; rm -rf /", "{{ 7 * 7 }}",
+    "{% raw %}x", "'quoted'", 'a"b'])
+def test_hostile_values_are_one_quoted_word_and_never_templated(value):
+    v = decision("-o", f"execution.account={json.dumps(value)}").host_vars[HOST]
+    script = v["evalprov_slurm_script"]
+    assert f"--account={value}" in v["evalprov_slurm_sbatch_argv"]  # an argv, no shell
+    line = next(x for x in script.splitlines() if "--account=" in x)
+    assert shlex.split(line.removeprefix("#SBATCH ")) == [f"--account={value}"]
+    assert "49" not in line
+
+
+@pytest.mark.parametrize("override, field", [
+    ("execution.sbatch_extra_flags.comment=x", "evalprov sets --comment itself"),
+    ("execution.sbatch_extra_flags.dependency=afterok:1", "evalprov sets --dependency"),
+    ("execution.sbatch_extra_flags.wrap=true", "evalprov sets --wrap"),
+    ("execution.sbatch_extra_flags={'bad name': 1}", "is not an sbatch option name"),
+    ("execution.sbatch_extra_flags.mem=[1, 2]", "is not a value of an option"),
+])
+def test_extra_flags_evalprov_sets_or_that_are_not_options_are_refused(override, field):
+    with pytest.raises(PlanError) as err:
+        decision("-o", override)
+    assert field in str(err.value)
+    assert "execution.sbatch_extra_flags" in str(err.value)
+
+
+def test_a_control_character_never_reaches_the_script():
+    with pytest.raises(PlanError, match="control character"):
+        decision("-o", "execution.sbatch_extra_flags.mem=" + json.dumps("4G\n#SBATCH --wrap=id"))
+
+
+def test_extra_flags_true_false_and_values():
+    argv = decision("-o", "execution.sbatch_extra_flags={exclusive: false, mem: 4G, "
+                    "hold: true, cpus_per_task: 4}").host_vars[HOST][
+        "evalprov_slurm_sbatch_argv"]
+    assert "--exclusive" not in argv
+    assert {"--mem=4G", "--hold", "--cpus-per-task=4"} <= set(argv)
+
+
+def test_cpu_device_asks_for_no_gres_and_process_runtime_checks_venvs():
+    v = decision("-o", "execution.device=cpu", "-o", "execution.runtime=process").host_vars[
+        HOST]
+    assert not any(a.startswith("--gres") for a in v["evalprov_slurm_sbatch_argv"])
+    assert v["evalprov_slurm_paths"] == {
+        "execution.vllm_venv": "/opt/evalprov/vllm-venv/bin/vllm",
+        "execution.vllm_venv (its python)": "/opt/evalprov/vllm-venv/bin/python",
+        "execution.harness_venv": "/opt/evalprov/harness-venv/bin/nemo-evaluator",
+        "execution.harness_venv (its python)": "/opt/evalprov/harness-venv/bin/python"}
+
+
+def test_login_node_facts_become_one_line_problems():
+    ok = {"sbatch": "/usr/bin/sbatch", "test_only": {"ok": True, "message": ""},
+          "paths": {}, "jobs": []}
+    assert decision(raw={HOST: ok}).problems == ()
+    refused = {**ok, "test_only": {"ok": False, "message": "sbatch: error: invalid partition"}}
+    (line,) = decision(raw={HOST: refused}).problems
+    assert "sbatch --test-only refused the job" in line and "invalid partition" in line
+    assert "partition 'batch'" in line
+    (line,) = decision(raw={HOST: {**ok, "sbatch": None}}).problems
+    assert "sbatch is not on the login node's PATH" in line
+    queued = {**ok, "jobs": [{"id": "12", "state": "RUNNING"}]}
+    (line,) = decision(raw={HOST: queued}).problems
+    assert "still queued or running (12 RUNNING)" in line and "evalprov destroy" in line
+    ckpt = decision("-o", "deployment.checkpoint_path=/models/x", raw={HOST: {
+        **ok, "paths": {"deployment.checkpoint_path": {"exists": False}}}})
+    (line,) = ckpt.problems
+    assert "deployment.checkpoint_path: /models/x does not exist on the cluster" in line
+
+
+def test_gres_too_small_for_the_parallel_sizes_is_refused_before_anything():
+    with pytest.raises(PlanError) as err:
+        decision("-o", "execution.gres=gpu:4")
+    assert "execution.gres gives 4 GPUs but one instance needs 8" in str(err.value)
+
+
+@pytest.mark.parametrize("field", ["num_nodes", "num_instances"])
+def test_multi_node_and_several_instances_are_refused_in_one_line(field):
+    with pytest.raises(PlanError) as err:
+        decision("-o", f"execution.{field}=2")
+    assert f"execution.{field}: 2" in str(err.value)
+    assert "not supported on Slurm yet" in str(err.value)
+
+
+@pytest.mark.parametrize("walltime, max_walltime, resumes", [
+    ("01:00:00", "120:00:00", 50), ("02:00:00", "04:00:00", 1), ("02:00:00", "02:00:00", 0),
+    ("00:01:00", "00:03:00", 2), ("1-00:00:00", "2-00:00:00", 1)])
+def test_auto_resume_budget(walltime, max_walltime, resumes):
+    exe = seed("-o", f"execution.walltime={walltime}",
+               "-o", f"execution.max_walltime={max_walltime}").execution
+    assert slurm.resumes(exe) == resumes
+
+
+def test_finished_tasks_are_not_submitted_again():
+    first = decision()
+    prev = {}
+    for a in first.to_run:
+        from evalprov.decide import attempt_id
+
+        prev[attempt_id(a.host, a.task, a.key)] = {
+            "status": "succeeded" if a.task == "ifeval" else "failed", "host": a.host,
+            "task": a.task, "key": a.key, "run_id": "r0", "attempt": 1, "error": None}
+    again = decision(previous=prev)
+    assert again.to_run == [] and again.host_vars[HOST]["evalprov_state"] == "converged"
+    rerun = decision(previous=prev, rerun="failed")
+    assert [a.task for a in rerun.to_run] == ["gpqa_diamond"]
+    assert [t["name"] for t in rerun.host_vars[HOST]["evalprov_slurm_spec"]["tasks"]] == [
+        "gpqa_diamond"]
+
+
+def test_a_task_that_did_not_finish_says_how_the_job_ended():
+    job = {"jobs": [{"id": "7", "state": "CANCELLED", "reason": ""}], "phase": "failed",
+           "message": "signal SIGTERM: the job was cancelled"}
+    recs = [{"task": "a", "status": "succeeded"}, {"task": "b", "status": "missing"},
+            {"task": "c", "status": "failed", "error": "harness exited -9"}]
+    slurm.explain_missing(recs, job)
+    assert recs[0]["status"] == "succeeded"
+    assert recs[1]["status"] == "failed"
+    assert "job 7 CANCELLED: signal SIGTERM: the job was cancelled" in recs[1]["error"]
+    assert recs[2]["error"].startswith("the Slurm job ended before the task finished")
+    assert recs[2]["error"].endswith("harness exited -9")
+    # a job that completed and a task that failed on its own: the task's own error only
+    done = {"jobs": [{"id": "8", "state": "COMPLETED", "reason": ""}], "phase": "done",
+            "message": ""}
+    own = [{"task": "c", "status": "failed", "error": "harness exited 1"}]
+    slurm.explain_missing(own, done)
+    assert own[0]["error"] == "harness exited 1"
+
+
+def test_walltime_forms():
+    assert slurm.walltime_seconds("01:00:00") == 3600
+    assert slurm.walltime_seconds("2-01:00:00") == 2 * 86400 + 3600
+    assert slurm.walltime_seconds("30:00") == 1800
