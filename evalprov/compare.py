@@ -13,7 +13,7 @@ import json
 from typing import Any
 
 from evalprov.records import TaskRecord
-from evalprov.results import records
+from evalprov.results import records, text_table
 
 
 def _scores(rec: TaskRecord, every_metric: bool) -> list[tuple[str, float]]:
@@ -93,13 +93,8 @@ def render(data: dict[str, Any], fmt: str) -> str:
     is_delta = [c.startswith("delta ") for c in cols]
     text = [[_cell(v, d) for v, d in zip(row, is_delta, strict=True)] for row in flat]
     if fmt == "md":
-        lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-        lines += ["| " + " | ".join(r) + " |" for r in text]
-        return "\n".join(lines)
-    widths = [max(len(c), *(len(r[i]) for r in text)) if text else len(c)
-              for i, c in enumerate(cols)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in text]
+        return text_table(cols, text, "md")
+    lines = [text_table(cols, text, "table")]
     if not text:
         lines.append("(no scores in these runs)")
     return "\n".join(lines)

@@ -217,6 +217,19 @@ def usage_line(summary: dict[str, Any]) -> str:
             f"{float(use.get('seconds') or 0):.1f} s)")
 
 
+def text_table(cols: list[str], table: list[list[str]], fmt: str) -> str:
+    """Rows of text cells as a Markdown table (fmt md) or aligned columns (table)."""
+    if fmt == "md":
+        lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        lines += ["| " + " | ".join(row) + " |" for row in table]
+        return "\n".join(lines)
+    widths = [max(len(c), *(len(row[i]) for row in table)) if table else len(c)
+              for i, c in enumerate(cols)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in table]
+    return "\n".join(lines)
+
+
 def render(summary: dict[str, Any], fmt: str) -> str:
     data = rows(summary)
     cols = ["task", "host", "status", "metric", "score", "samples", "seconds", "gpu_hours"]
@@ -237,13 +250,8 @@ def render(summary: dict[str, Any], fmt: str) -> str:
 
     table = [[cell(r[c]) for c in cols] for r in data]
     if fmt == "md":
-        lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-        lines += ["| " + " | ".join(row) + " |" for row in table]
-        return "\n".join(lines)
-    widths = [max(len(c), *(len(row[i]) for row in table)) if table else len(c)
-              for i, c in enumerate(cols)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in table]
+        return text_table(cols, table, "md")
+    lines = [text_table(cols, table, "table")]
     for r in data:
         if r["error"]:
             lines.append(f"error: {r['host']}/{r['task']}: {r['error'][:300]}")

@@ -8,14 +8,12 @@ in the docker CLI's environment, its argv or the container's config."""
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import socket
 import stat
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,15 +25,10 @@ from evalprov.config.loader import LoadedConfig
 from evalprov.errors import ConfigError, PlanError
 from evalprov.plan import HostFacts, plan
 from tests.testbed.image import run_standin_locally
+from tests.unit.collection import module
 
-PKG = Path(__file__).resolve().parents[2] / "evalprov"
-_ROOT = Path(tempfile.mkdtemp(prefix="evalprov-collections-"))
-(_ROOT / "ansible_collections").symlink_to(PKG / "ansible_collections")
-sys.path.append(str(_ROOT))
-host_utils = importlib.import_module(
-    "ansible_collections.evalprov.fleet.plugins.module_utils.evalprov_host")
-tasks_utils = importlib.import_module(
-    "ansible_collections.evalprov.fleet.plugins.module_utils.evalprov_tasks")
+host_utils = module("module_utils.evalprov_host")
+tasks_utils = module("module_utils.evalprov_tasks")
 
 
 def opened(vllm_config, **kw):

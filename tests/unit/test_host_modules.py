@@ -3,28 +3,17 @@ health module's root-cause line, imported as Ansible imports them (ansible_colle
 
 from __future__ import annotations
 
-import importlib
 import os
 import socket
 import subprocess
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
 
-# Only ansible_collections/ goes on sys.path (through a directory of its own: the package
-# directory itself would shadow stdlib modules such as `secrets` for every later test).
-PKG = Path(__file__).resolve().parents[2] / "evalprov"
-_ROOT = Path(tempfile.mkdtemp(prefix="evalprov-collections-"))
-(_ROOT / "ansible_collections").symlink_to(PKG / "ansible_collections")
-sys.path.append(str(_ROOT))
+from tests.unit.collection import module
 
-host = importlib.import_module(
-    "ansible_collections.evalprov.fleet.plugins.module_utils.evalprov_host")
-health_mod = importlib.import_module(
-    "ansible_collections.evalprov.fleet.plugins.modules.evalprov_wait_health")
+host = module("module_utils.evalprov_host")
+health_mod = module("modules.evalprov_wait_health")
 
 
 def test_listening_ports_sees_a_socket_listening_on_loopback():

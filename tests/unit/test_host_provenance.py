@@ -6,23 +6,18 @@ versions printed by a real python, and null-with-a-reason for each fact that is 
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import os
 import sys
-import tempfile
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
-PKG = Path(__file__).resolve().parents[2] / "evalprov"
-_ROOT = Path(tempfile.mkdtemp(prefix="evalprov-collections-"))
-(_ROOT / "ansible_collections").symlink_to(PKG / "ansible_collections")
-sys.path.append(str(_ROOT))
-host = importlib.import_module(
-    "ansible_collections.evalprov.fleet.plugins.module_utils.evalprov_host")
+from tests.unit.collection import module
+
+host = module("module_utils.evalprov_host")
 
 
 def _manifest_hash(root: Path) -> str:

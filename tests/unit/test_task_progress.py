@@ -4,22 +4,16 @@ polls that return their progress while they run and their result when they have 
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-PKG = Path(__file__).resolve().parents[2] / "evalprov"
-_ROOT = Path(tempfile.mkdtemp(prefix="evalprov-collections-"))
-(_ROOT / "ansible_collections").symlink_to(PKG / "ansible_collections")
-sys.path.append(str(_ROOT))
+from tests.unit.collection import module
 
-tasks = importlib.import_module(
-    "ansible_collections.evalprov.fleet.plugins.module_utils.evalprov_tasks")
+tasks = module("module_utils.evalprov_tasks")
 
 DONE = "[I 2026-12-02T06:04:18.260] Request completed status_code=200 path= logger=root\n"
 
