@@ -32,3 +32,12 @@ def test_ansible_lint_production_profile():
     proc = subprocess.run([exe, "--profile", "production", "--offline", "playbooks", "roles"],
                           cwd=COLLECTION, capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+
+def test_test_modules_have_unique_basenames():
+    """pytest's default import mode imports test files by basename: two files with one name in
+    different folders abort collection of the whole suite."""
+    seen: dict[str, Path] = {}
+    for path in sorted((ROOT / "tests").rglob("test_*.py")):
+        assert path.name not in seen, f"{path} and {seen[path.name]} share a basename; rename one"
+        seen[path.name] = path
