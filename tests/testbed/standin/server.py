@@ -7,7 +7,18 @@ Started like the real image: ``vllm serve MODEL --port 8000 --served-model-name 
 Endpoints: GET /health, GET /v1/models, POST /v1/completions,
 POST /v1/chat/completions (optionally ``"stream": true``), GET /version,
 GET /metrics, and GET /evalprov/argv (argv, parsed args, unknown args and
-NVIDIA_VISIBLE_DEVICES, for tests).
+NVIDIA_VISIBLE_DEVICES, for tests), GET /evalprov/ranks (data-parallel ranks joined,
+missing and lost; this instance's request count).
+
+Multi-node data parallelism as vLLM does it (docs.vllm.ai, "Data Parallel Deployment"):
+  head:   vllm serve M --data-parallel-size N --data-parallel-size-local L
+              --data-parallel-address HEAD --data-parallel-rpc-port P
+  worker: vllm serve M --headless --data-parallel-size N --data-parallel-size-local L
+              --data-parallel-start-rank R --data-parallel-address HEAD --data-parallel-rpc-port P
+The head serves the API and listens on HEAD:P for workers (protocol: see Coordinator); its
+/health is 503 until ranks 0..N-1 are all held, and 503 for good once a worker is lost. A worker
+serves no HTTP, joins HEAD:P (retrying), and exits with code 4 when it cannot join, is refused,
+or loses the head. Inconsistent data-parallel flags exit 2 with a usage line.
 
 Behaviour switches (environment):
   STANDIN_START_DELAY=SECONDS  /health answers 503 until SECONDS after start
@@ -16,6 +27,9 @@ Behaviour switches (environment):
   STANDIN_FAIL_REQUESTS=1      completions / chat completions answer HTTP 500
   STANDIN_SLOW_AFTER=N         after N answered requests, each one waits first (a task that
                                outlives a job's time limit): STANDIN_SLOW_SECONDS (30)
+  STANDIN_DP_HEARTBEAT=SECONDS a worker's heartbeat interval (1); the head drops a worker
+                               after 3 intervals without a message
+  STANDIN_DP_JOIN_TIMEOUT=SECONDS  how long a worker retries reaching its head (120)
 """
 
 from __future__ import annotations
@@ -26,6 +40,7 @@ import json
 import os
 import re
 import signal
+import socket
 import sys
 import threading
 import time
@@ -33,6 +48,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 VERSION = "0.0.0+evalprov.standin"
 EXIT_CODE_CRASH = 3
+EXIT_CODE_HEAD_LOST = 4  # a headless worker could not join, was refused, or lost its head
+DP_RPC_PORT = 29550  # vLLM's default --data-parallel-rpc-port
+DP_PROTOCOL = "EVALPROV-DP/1"
 
 
 def log(msg: str) -> None:
@@ -51,6 +69,11 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
     p.add_argument("--data-parallel-size", "-dp", type=int, default=1)
+    p.add_argument("--data-parallel-size-local", "-dpl", type=int)
+    p.add_argument("--data-parallel-start-rank", "-dpr", type=int)
+    p.add_argument("--data-parallel-address", "-dpa")
+    p.add_argument("--data-parallel-rpc-port", "-dpp", type=int, default=DP_RPC_PORT)
+    p.add_argument("--headless", action="store_true")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--trust-remote-code", action="store_true")
@@ -62,7 +85,52 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         sys.exit(2)
     args.model = model
     args.served_model_name = args.served_model_name or [model]
+    problem = dp_problem(args)
+    if problem:
+        sys.stderr.write(
+            "usage: vllm serve MODEL --data-parallel-size N --data-parallel-size-local L "
+            "[--headless --data-parallel-start-rank R] --data-parallel-address HEAD "
+            "--data-parallel-rpc-port P ...\n"
+        )
+        sys.stderr.write(f"vllm serve: error: {problem}\n")
+        sys.exit(2)
     return args, unknown
+
+
+def dp_problem(args: argparse.Namespace) -> str | None:
+    """The data-parallel flags' consistency (what vLLM's arg checks refuse), and the role:
+    sets ``args.dp_role`` to single (all ranks here), head (ranks 0..L-1 here, API, waits
+    for the workers) or worker (headless: ranks R..R+L-1 here, no API)."""
+    size = args.data_parallel_size
+    local = size if args.data_parallel_size_local is None else args.data_parallel_size_local
+    start = args.data_parallel_start_rank
+    if size < 1:
+        return f"--data-parallel-size must be at least 1, not {size}"
+    lowest = 1 if args.headless else 0  # a head may hold no rank itself (API only)
+    if not lowest <= local <= size:
+        return (f"--data-parallel-size-local {local} must be between {lowest} and "
+                f"--data-parallel-size {size}")
+    if not 1 <= args.data_parallel_rpc_port <= 65535:
+        return f"--data-parallel-rpc-port {args.data_parallel_rpc_port} is not a port"
+    if args.headless:
+        if not args.data_parallel_address:
+            return "--headless needs --data-parallel-address (the head node's address)"
+        start = 0 if start is None else start
+        if not 0 <= start <= size - local:
+            return (f"--data-parallel-start-rank {start} with --data-parallel-size-local {local} "
+                    f"must lie within ranks 0..{size - 1}")
+        args.dp_role = "worker"
+    else:
+        if start:
+            return ("--data-parallel-start-rank is only applicable in headless mode; add "
+                    "--headless")
+        start = 0
+        args.dp_role = "single" if local == size else "head"
+    args.data_parallel_size_local = local
+    args.data_parallel_start_rank = start
+    if args.data_parallel_address is None:
+        args.data_parallel_address = "127.0.0.1"  # vLLM's default data_parallel_master_ip
+    return None
 
 
 class State:
@@ -83,20 +151,239 @@ class State:
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self.announced = False
+        self.ranks = Coordinator(args) if args.dp_role == "head" else None
 
     def healthy(self) -> bool:
         if self.never_healthy:
             return False
         ok = time.monotonic() - self.started >= self.start_delay
+        if self.ranks is not None and ok:
+            ok = self.ranks.complete()
         if ok and not self.announced:
             self.announced = True
             log("INFO:     Application startup complete.")
         return ok
 
+    def unhealthy_reason(self) -> str:
+        if self.ranks is not None:
+            rep = self.ranks.report()
+            if rep["lost"]:
+                return (f"data-parallel rank(s) {rank_list(map(int, rep['lost']))} lost "
+                        f"(worker {', '.join(sorted(set(rep['lost'].values())))})")
+            if rep["missing"]:
+                return f"waiting for data-parallel rank(s) {rank_list(rep['missing'])}"
+        return "model is loading"
+
+    def rank_report(self) -> dict:
+        """Who holds which data-parallel rank, and this instance's request count."""
+        a = self.args
+        if self.ranks is not None:
+            rep = self.ranks.report()
+        else:
+            rep = {"role": a.dp_role, "size": a.data_parallel_size,
+                   "joined": list(range(a.data_parallel_size)), "missing": [], "lost": {},
+                   "workers": []}
+        rep["healthy"] = self.healthy()
+        rep["requests"] = self.requests
+        rep["pid"] = os.getpid()
+        return rep
+
     def next_id(self, prefix: str) -> str:
         with self.lock:
             self.counter += 1
             return f"{prefix}-{self.counter:08d}"
+
+
+def rank_list(ranks) -> str:
+    ranks = sorted(ranks)
+    return ",".join(map(str, ranks)) if ranks else "none"
+
+
+def heartbeat_seconds() -> float:
+    return max(0.05, float(os.environ.get("STANDIN_DP_HEARTBEAT", "1") or 1))
+
+
+class Coordinator:
+    """The head's side of data parallelism: headless workers connect to
+    --data-parallel-address:--data-parallel-rpc-port and speak a line protocol (one line each,
+    ASCII, space-separated key=value fields)::
+
+        worker: EVALPROV-DP/1 HELLO start_rank=R local=L size=N heartbeat=S node=H pid=P
+        head:   WELCOME ranks=R,...          (or: REFUSED <reason>, and the head closes)
+        worker: PING                          every S seconds
+        head:   PONG
+
+    A worker that closes its connection or sends nothing for 3 x S seconds is lost: its ranks
+    are lost for good (as when one of vLLM's engine cores dies, the head does not recover; it
+    has to be restarted), /health answers 503 naming them, and later hellos are refused."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.size = args.data_parallel_size
+        self.address = args.data_parallel_address
+        self.port = args.data_parallel_rpc_port
+        self.lock = threading.Lock()
+        self.owner: dict[int, str] = dict.fromkeys(range(args.data_parallel_size_local), "head")
+        self.workers: dict[str, dict] = {}
+        self.lost: dict[int, str] = {}
+
+    def complete(self) -> bool:
+        with self.lock:
+            return not self.lost and len(self.owner) == self.size
+
+    def missing(self) -> list[int]:
+        with self.lock:
+            return [r for r in range(self.size) if r not in self.owner]
+
+    def report(self) -> dict:
+        with self.lock:
+            return {
+                "role": "head",
+                "size": self.size,
+                "address": f"{self.address}:{self.port}",
+                "joined": sorted(self.owner),
+                "owner": {str(r): w for r, w in sorted(self.owner.items())},
+                "missing": [r for r in range(self.size) if r not in self.owner],
+                "lost": {str(r): w for r, w in sorted(self.lost.items())},
+                "workers": [dict(w) for w in self.workers.values()],
+            }
+
+    def serve(self) -> None:
+        try:
+            lsock = socket.create_server((self.address, self.port), reuse_port=False)
+        except OSError as e:
+            log(f"ERROR:    cannot listen for data-parallel workers on {self.address}:"
+                f"{self.port}: {e}")
+            os._exit(EXIT_CODE_CRASH)
+        log(f"INFO:     data-parallel head: waiting on {self.address}:{self.port} for ranks "
+            f"{rank_list(self.missing())} of {self.size}")
+        threading.Thread(target=self._accept, args=(lsock,), daemon=True).start()
+
+    def _accept(self, lsock) -> None:
+        while True:
+            conn, peer = lsock.accept()
+            threading.Thread(target=self._worker, args=(conn, peer), daemon=True).start()
+
+    def _hello(self, line: str, peer) -> tuple[str | None, str]:
+        """(worker id, reply) for a hello line; id None: refused."""
+        parts = line.split()
+        if parts[:2] != [DP_PROTOCOL, "HELLO"]:
+            return None, f"REFUSED expected '{DP_PROTOCOL} HELLO ...', got {line[:60]!r}"
+        f = dict(p.split("=", 1) for p in parts[2:] if "=" in p)
+        try:
+            start, local, size = int(f["start_rank"]), int(f["local"]), int(f["size"])
+            hb = float(f.get("heartbeat", "1"))
+        except (KeyError, ValueError):
+            return None, "REFUSED hello needs integer start_rank=, local=, size="
+        if size != self.size:
+            return None, f"REFUSED size={size} but the head has --data-parallel-size {self.size}"
+        ranks = list(range(start, start + local))
+        wid = f"{f.get('node', '?')}/pid {f.get('pid', '?')} ({peer[0]}:{peer[1]})"
+        with self.lock:
+            if self.lost:
+                return None, (f"REFUSED the head lost rank(s) {rank_list(self.lost)}; "
+                              "restart the head")
+            taken = {r: self.owner[r] for r in ranks if r in self.owner}
+            if taken or not ranks or ranks[-1] >= size or start < 0:
+                return None, (f"REFUSED rank(s) {rank_list(ranks)} overlap or exceed the "
+                              f"ranks 0..{size - 1} (taken: {rank_list(taken)})")
+            for r in ranks:
+                self.owner[r] = wid
+            self.workers[wid] = {"id": wid, "node": f.get("node"), "pid": f.get("pid"),
+                                 "peer": f"{peer[0]}:{peer[1]}", "ranks": ranks,
+                                 "heartbeat": hb}
+        return wid, f"WELCOME ranks={rank_list(ranks)}"
+
+    def _worker(self, conn, peer) -> None:
+        wid = None
+        reason = "closed its connection"
+        hb = 10 / 3  # the hello's own deadline is 10 s
+        try:
+            conn.settimeout(10)
+            rfile = conn.makefile("r", encoding="ascii", errors="replace", newline="\n")
+            wid, reply = self._hello(rfile.readline().strip(), peer)
+            conn.sendall(reply.encode() + b"\n")
+            if wid is None:
+                log(f"WARNING:  data-parallel worker {peer[0]}:{peer[1]} refused: {reply}")
+                return
+            hb = self.workers[wid]["heartbeat"]
+            log(f"INFO:     data-parallel worker {wid} joined with rank(s) "
+                f"{rank_list(self.workers[wid]['ranks'])}; missing: {rank_list(self.missing())}")
+            if self.complete():
+                log(f"INFO:     data-parallel: all {self.size} ranks joined")
+                Handler.state.healthy()  # announces startup once healthy
+            conn.settimeout(3 * hb)
+            while True:
+                line = rfile.readline()
+                if not line:
+                    break
+                if line.strip() == "PING":
+                    conn.sendall(b"PONG\n")
+        except TimeoutError:
+            reason = f"stopped its heartbeats (nothing for {3 * hb:g} s)"
+        except OSError as e:
+            reason = f"connection failed: {e}"
+        finally:
+            conn.close()
+            if wid is not None:
+                self._lose(wid, reason)
+
+    def _lose(self, wid: str, reason: str) -> None:
+        with self.lock:
+            ranks = [r for r, w in self.owner.items() if w == wid]
+            for r in ranks:
+                del self.owner[r]
+                self.lost[r] = wid
+            self.workers.pop(wid, None)
+        log(f"ERROR:    data-parallel rank(s) {rank_list(ranks)} lost: worker {wid} {reason}; "
+            "/health is 503 until the head is restarted")
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    """A headless node: no API; join the head, keep the heartbeat, exit when the head goes."""
+    import socket
+
+    addr, port = args.data_parallel_address, args.data_parallel_rpc_port
+    start, local = args.data_parallel_start_rank, args.data_parallel_size_local
+    ranks = rank_list(range(start, start + local))
+    hb = heartbeat_seconds()
+    join_timeout = float(os.environ.get("STANDIN_DP_JOIN_TIMEOUT", "120") or 120)
+    log(f"INFO:     headless data-parallel worker for rank(s) {ranks} of "
+        f"{args.data_parallel_size}: joining the head at {addr}:{port}")
+    deadline = time.monotonic() + join_timeout
+    while True:
+        try:
+            conn = socket.create_connection((addr, port), timeout=5)
+            break
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                log(f"ERROR:    could not reach the data-parallel head at {addr}:{port} "
+                    f"within {join_timeout:g} s (STANDIN_DP_JOIN_TIMEOUT): {e}")
+                return EXIT_CODE_HEAD_LOST
+            time.sleep(min(0.2, hb))
+    try:
+        conn.settimeout(max(10.0, 3 * hb))
+        hello = (f"{DP_PROTOCOL} HELLO start_rank={start} local={local} "
+                 f"size={args.data_parallel_size} heartbeat={hb:g} "
+                 f"node={os.uname().nodename} pid={os.getpid()}")
+        conn.sendall(hello.encode() + b"\n")
+        rfile = conn.makefile("r", encoding="ascii", errors="replace", newline="\n")
+        reply = rfile.readline().strip()
+        if not reply.startswith("WELCOME"):
+            log(f"ERROR:    the data-parallel head at {addr}:{port} refused rank(s) {ranks}: "
+                f"{reply or 'connection closed'}")
+            return EXIT_CODE_HEAD_LOST
+        log(f"INFO:     joined the data-parallel head at {addr}:{port} with rank(s) {ranks}")
+        conn.settimeout(3 * hb)
+        while True:
+            conn.sendall(b"PING\n")
+            if rfile.readline().strip() != "PONG":
+                raise ConnectionError("connection closed")
+            time.sleep(hb)
+    except (OSError, ConnectionError) as e:
+        why = "no heartbeat answer" if isinstance(e, TimeoutError) else str(e) or type(e).__name__
+        log(f"ERROR:    lost the data-parallel head at {addr}:{port} ({why}); engine core "
+            f"for rank(s) {ranks} shutting down")
+        return EXIT_CODE_HEAD_LOST
 
 
 def count_tokens(text: str) -> int:
@@ -213,7 +500,9 @@ class Handler(BaseHTTPRequestHandler):
                 self.send_header("Content-Length", "0")
                 self.end_headers()
             else:
-                self.send_error_json(503, "model is loading", "ServiceUnavailableError")
+                self.send_error_json(503, st.unhealthy_reason(), "ServiceUnavailableError")
+        elif path == "/evalprov/ranks":
+            self.send_json(200, st.rank_report())
         elif path == "/evalprov/argv":
             self.send_json(
                 200,
@@ -433,8 +722,6 @@ class Handler(BaseHTTPRequestHandler):
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args, unknown = parse_args(argv)
-    state = State(args, unknown, ["vllm", *argv])
-    Handler.state = state
     log(f"INFO:     evalprov stand-in for vLLM {VERSION}")
     log(f"INFO:     non-default args: {json.dumps(vars(args))}")
     if unknown:
@@ -465,9 +752,15 @@ def main(argv: list[str] | None = None) -> int:
         t.daemon = True
         t.start()
 
+    if args.dp_role == "worker":
+        return run_worker(args)
+    state = State(args, unknown, ["vllm", *argv])
+    Handler.state = state
     ThreadingHTTPServer.daemon_threads = True
     ThreadingHTTPServer.allow_reuse_address = True
     httpd = ThreadingHTTPServer((args.host, args.port), Handler)
+    if state.ranks is not None:
+        state.ranks.serve()
     log(f"INFO:     Started server process [{os.getpid()}]")
     log(f"INFO:     Uvicorn running on http://{args.host}:{args.port} (Press CTRL+C to quit)")
     if state.start_delay <= 0:
