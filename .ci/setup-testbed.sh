@@ -20,6 +20,7 @@ PKGS=(
   procps             # ps/pgrep for diagnostics
   slurm-wlm          # the Slurm test cluster: slurmctld on the controller, slurmd per host
   munge              # Slurm's authentication (munged on a private socket)
+  haproxy            # the load balancer in front of several instances (tests/unit/test_lb.py)
 )
 
 missing=()
