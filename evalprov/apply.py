@@ -10,6 +10,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -451,6 +452,7 @@ def record_run(loaded: LoadedConfig, d: Decision, result: RunResult, run_dir: Pa
         tasks = {h.host: [{**task_vars(t), "slug": t.slug} for t in h.tasks]
                  for h in d.plan.hosts if h.tasks}
         unreachable = {h for h, r in result.hosts.items() if r.unreachable}
+        result.proxy_requests = proxy_requests(run_dir, tasks)
         ran = collect(run_dir, tasks, unreachable)
         if job is not None:
             slurm.explain_missing(ran, job)
@@ -460,12 +462,28 @@ def record_run(loaded: LoadedConfig, d: Decision, result: RunResult, run_dir: Pa
         write_summary(run_dir, run_id, result.tasks, {
             "config": loaded.source, "served_model_name": d.plan.served_model_name,
             "hosts": sorted(h.host for h in d.plan.hosts), "seconds": round(result.seconds, 1),
-            "interrupted": result.interrupted})
+            "interrupted": result.interrupted,
+            **({"proxy_requests": result.proxy_requests} if result.proxy_requests else {})})
     status = ("interrupted" if result.interrupted else
               "failed" if result.failed_hosts or any(
                   t["status"] != "succeeded" for t in result.tasks) else "succeeded")
     ledger.finish_run(run_id, status)
     record_seen(loaded, d, result, run_dir, run_id, ledger, timeline)
+
+
+def proxy_requests(run_dir: Path, hosts: Iterable[str]) -> dict[str, dict[str, int]]:
+    """What each host's eval role brought home from its proxy: the requests each instance
+    behind it answered while the tasks ran."""
+    out = {}
+    for host in hosts:
+        path = run_dir / "fetch" / host / "proxy-requests.json"
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict):
+            out[host] = {str(k): int(v) for k, v in data.items() if isinstance(v, int)}
+    return out
 
 
 def record_seen(loaded: LoadedConfig, d: Decision, result: RunResult, run_dir: Path,

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from evalprov.plan import Instance, Plan
+from evalprov.plan import PROXY_NAME, Instance, Plan, Proxy
 
 # Free GiB required in each directory that receives weights and in docker's root dir.
 MIN_DISK_GIB = 1.0
@@ -50,6 +50,8 @@ class HostFacts:
     units: dict[str, Unit] = field(default_factory=dict)
     venvs: dict[str, bool] = field(default_factory=dict)
     local: bool = False  # Ansible reaches it with connection: local
+    proxy: Unit | None = None  # the proxy evalprov started (serving: every server up)
+    haproxy: str = ""  # the haproxy program on the host ("" none)
 
     @classmethod
     def from_probe(cls, res: dict[str, Any], local: bool = False) -> HostFacts:
@@ -63,7 +65,13 @@ class HostFacts:
                                bool(u.get("serving")),
                                int(port) if isinstance(port, int | str) and str(port).isdigit()
                                else None, str(u.get("image_id") or ""))
+        px = res.get("proxy")
+        proxy = Unit(PROXY_NAME, str(px.get("spec_hash") or ""), bool(px.get("running")),
+                     bool(px.get("serving")),
+                     int(px["port"]) if str(px.get("port") or "").isdigit() else None
+                     ) if isinstance(px, dict) else None
         return cls(
+            proxy=proxy, haproxy=str(res.get("haproxy") or ""),
             gpu_count=int(g.get("count") or 0), gpu_error=str(g.get("error") or ""),
             docker_present=bool(d.get("present")), docker_running=bool(d.get("running")),
             nvidia_runtime=bool(d.get("nvidia_runtime")),
@@ -93,11 +101,15 @@ class HostActions:
     install_harness: bool = False
     reasons: tuple[str, ...] = ()  # one line per action, for --check and the log
     tasks: int = 0
+    proxy_start: Proxy | None = None  # (re)start the proxy with this spec
+    proxy_remove: bool = False  # stop the proxy evalprov started (the plan has none)
+    proxy_wait: Proxy | None = None  # wait until every server behind it is up
 
     @property
     def converged(self) -> bool:
         return not (self.start or self.remove or self.wait or self.pull or self.install_vllm
-                    or self.install_harness or self.tasks)
+                    or self.install_harness or self.tasks or self.proxy_start
+                    or self.proxy_remove or self.proxy_wait)
 
 
 @dataclass(frozen=True)
@@ -147,7 +159,16 @@ def problems_of(plan: Plan, host: str, f: HostFacts, fit: bool = True) -> list[s
         out.append(f"host {host}: docker has no NVIDIA runtime (nvidia-container-runtime-hook "
                    "not on PATH); install nvidia-container-toolkit and restart dockerd")
     ours = {u.port for u in f.units.values() if u.running and u.port is not None}
-    busy = sorted(i.port for i in hp.instances if i.port in f.listening and i.port not in ours)
+    ports = [i.port for i in hp.instances]
+    if hp.proxy:
+        ports += [hp.proxy.port, hp.proxy.stats_port]
+        if f.proxy and f.proxy.running and f.proxy.port is not None:
+            ours |= {f.proxy.port, f.proxy.port + 1}
+        if not f.haproxy:
+            out.append(f"host {host}: haproxy is not installed, and {len(hp.instances)} "
+                       "instances serve behind one endpoint there; install it (apt-get "
+                       "install haproxy) or set execution.proxy.type: none")
+    busy = sorted(p for p in ports if p in f.listening and p not in ours)
     if busy:
         out.append(f"host {host}: port(s) {', '.join(map(str, busy))} already in use by "
                    "something evalprov did not start; stop it or set deployment.port")
@@ -212,9 +233,26 @@ def actions_of(plan: Plan, host: str, f: HostFacts) -> HostActions:
         reasons.append(f"install {plan.vllm_package} into {plan.vllm_venv}")
     if install_harness:
         reasons.append(f"install the harness into {plan.harness_venv}")
+    proxy_start, proxy_remove, proxy_wait = None, False, None
+    if hp.proxy:
+        u = f.proxy
+        why = ("not there" if u is None else
+               f"spec changed ({u.spec_hash or 'none'} -> {hp.proxy.spec_hash})"
+               if u.spec_hash != hp.proxy.spec_hash else "not running" if not u.running
+               else None)
+        if why:
+            proxy_start = proxy_wait = hp.proxy
+            reasons.append(f"start {hp.proxy.name}: {why}")
+        elif start or wait or not u.serving:
+            proxy_wait = hp.proxy
+            reasons.append(f"wait for {hp.proxy.name}: every instance behind it up")
+    elif f.proxy is not None:
+        proxy_remove = True
+        reasons.append(f"remove {PROXY_NAME}: not in the plan")
     reasons.extend(f"run task {t.name}" for t in hp.tasks)
     return HostActions(host, tuple(start), remove, tuple(wait), pull, install_vllm,
-                       install_harness, tuple(reasons), len(hp.tasks))
+                       install_harness, tuple(reasons), len(hp.tasks), proxy_start,
+                       proxy_remove, proxy_wait)
 
 
 def check(plan: Plan, facts: dict[str, HostFacts], fitted: frozenset[str] = frozenset()

@@ -21,7 +21,7 @@ from evalprov.check import Checked, HostActions, HostFacts, check, pull_policy
 from evalprov.config.models import Config, SlurmExecution
 from evalprov.errors import PlanError
 from evalprov.harness import HARNESS_ENV
-from evalprov.inventory import follow_vars, instance_vars, task_vars
+from evalprov.inventory import follow_vars, instance_vars, proxy_vars, task_vars
 from evalprov.plan import HostFacts as PlanHost
 from evalprov.plan import Plan, TaskRun, plan, slug
 
@@ -97,6 +97,8 @@ def select_tasks(the_plan: Plan, previous: dict[str, dict[str, Any]], rerun: str
     (unless --rerun all); one that failed is reused as failed unless --rerun failed|all;
     never-finished ones run."""
     hashes = {(i.host, i.name): i.spec_hash for i in the_plan.instances}
+    hashes.update({(h.host, h.proxy.name): h.proxy.spec_hash
+                   for h in the_plan.hosts if h.proxy})
     hosts, to_run, reused = [], [], []
     for hp in the_plan.hosts:
         keep = []
@@ -206,20 +208,37 @@ def role_vars(p: Plan, a: HostActions, inputs: Inputs, f: HostFacts) -> dict[str
         "evalprov_vllm_start": [instance_vars(i) for i in a.start],
         "evalprov_vllm_remove": list(a.remove),
         "evalprov_vllm_install": a.install_vllm,
+        "evalprov_vllm_proxy_start": proxy_start(a, p, f),
+        "evalprov_vllm_proxy_remove": a.proxy_remove,
         "evalprov_health_wait": [{"name": i.name, "port": i.port} for i in a.wait],
+        "evalprov_health_proxy": {
+            "name": a.proxy_wait.name, "stats_port": a.proxy_wait.stats_port,
+            "servers": [n for n, _ in a.proxy_wait.servers]} if a.proxy_wait else {},
         "evalprov_eval_install": a.install_harness,
         "evalprov_eval_ship_samples": ship,
         "evalprov_eval_run_dir": f"{p.work_dir}/runs/{inputs.run_id}",
         "evalprov_eval_tasks": [task_action(p, t, k, inputs, f) for k, t in enumerate(hp.tasks)],
         "evalprov_eval_provenance": provenance_spec(p, hp),
+        "evalprov_eval_proxy_stats_port": hp.proxy.stats_port if hp.proxy and hp.tasks else 0,
         **follow_vars(p, len(hp.tasks)),
     }
 
 
+def proxy_start(a: HostActions, p: Plan, f: HostFacts) -> dict[str, Any]:
+    """The proxy to (re)start, as the vllm role runs it: the host's own haproxy program."""
+    if a.proxy_start is None:
+        return {}
+    out = proxy_vars(a.proxy_start, f"{p.work_dir}/vllm")
+    out["argv"] = [f.haproxy or "haproxy", *out["argv"][1:]]
+    return out
+
+
 def destroy_vars(f: HostFacts) -> dict[str, Any]:
-    return {"evalprov_state": "pending" if f.units else "converged",
-            "evalprov_actions": [f"remove {n}" for n in sorted(f.units)],
-            "evalprov_vllm_remove": sorted(f.units)}
+    proxy = [f.proxy.name] if f.proxy else []
+    return {"evalprov_state": "pending" if f.units or proxy else "converged",
+            "evalprov_actions": [f"remove {n}" for n in sorted(f.units) + proxy],
+            "evalprov_vllm_remove": sorted(f.units),
+            "evalprov_vllm_proxy_remove": bool(proxy)}
 
 
 def plan_or_every_problem(inputs: Inputs, facts: dict[str, HostFacts]) -> Plan:

@@ -8,7 +8,7 @@ from typing import Any
 import yaml
 
 from evalprov.check import pull_policy
-from evalprov.plan import Instance, Plan, TaskRun
+from evalprov.plan import Instance, Plan, Proxy, TaskRun
 
 
 def instance_vars(inst: Instance) -> dict[str, Any]:
@@ -33,6 +33,24 @@ def instance_vars(inst: Instance) -> dict[str, Any]:
         "env_names": list(inst.env_names),
         "spec_hash": inst.spec_hash,
         "label": f"{inst.name} port {inst.port} GPUs {','.join(map(str, inst.gpus)) or 'none'}",
+    }
+
+
+def proxy_vars(proxy: Proxy, state_dir: str) -> dict[str, Any]:
+    """The proxy as the vllm role runs it: haproxy in the foreground on its config file,
+    supervised like a process-runtime instance (its state file beside theirs)."""
+    config = f"{state_dir}/{proxy.name}.cfg"
+    return {
+        "name": proxy.name,
+        "port": proxy.port,
+        "stats_port": proxy.stats_port,
+        "servers": [{"name": n, "port": p} for n, p in proxy.servers],
+        "config": proxy.config,
+        "config_path": config,
+        "argv": ["haproxy", "-db", "-f", config],
+        "spec_hash": proxy.spec_hash,
+        "label": f"{proxy.name} port {proxy.port} in front of "
+                 f"{', '.join(n for n, _ in proxy.servers)}",
     }
 
 
@@ -116,6 +134,8 @@ def render(plan: Plan) -> dict[str, Any]:
             "evalprov_plan_gpus": hp.gpus_total,
             "evalprov_plan_instances": [instance_vars(i) for i in hp.instances],
             "evalprov_plan_tasks": [task_vars(t) for t in hp.tasks],
+            **({"evalprov_plan_proxy": proxy_vars(hp.proxy, f"{plan.work_dir}/vllm")}
+               if hp.proxy else {}),
         }
     return {"all": {"vars": common_vars(plan), "hosts": hosts}}
 

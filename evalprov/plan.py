@@ -35,6 +35,8 @@ TASK_RESULTS_DIR = "/work/results"
 CHECKPOINT_MOUNT = "/checkpoint"
 LOOPBACK = "127.0.0.1"
 HF_CACHE_MOUNT = "/root/.cache/huggingface"
+PROXY_NAME = "evalprov-lb"
+PROXY_PORT = 5009  # NEL's haproxy_port
 
 
 @dataclass(frozen=True)
@@ -110,11 +112,33 @@ def slug(name: str) -> str:
 
 
 @dataclass(frozen=True)
+class Proxy:
+    """HAProxy in front of a host's instances (two or more): the one endpoint its tasks call,
+    spreading their requests over every instance (NEL's proxy, port 5009 by default). A host
+    process (Debian's haproxy) whatever the runtime; its config is rendered here from checked
+    values (evalprov.lb)."""
+
+    host: str
+    port: int
+    stats_port: int
+    listen: str
+    servers: tuple[tuple[str, int], ...]  # (instance name, port), on 127.0.0.1
+    config: str  # the complete haproxy.cfg
+    spec_hash: str
+    name: str = PROXY_NAME
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@dataclass(frozen=True)
 class HostPlan:
     host: str
     gpus_total: int | None
     instances: tuple[Instance, ...]
     tasks: tuple[TaskRun, ...]
+    proxy: Proxy | None = None
 
 
 @dataclass(frozen=True)
@@ -347,7 +371,7 @@ def endpoint_path(dep: VllmDeployment, etype: str) -> str:
 
 
 def _task_run(config: Config, task: Task, info: TaskInfo, host: str,
-              inst: Instance | None) -> TaskRun:
+              inst: Instance | Proxy | None) -> TaskRun:
     etype = endpoint_type(task, info)
     if inst is None:
         url = config.target.api_endpoint.url or ""
@@ -392,9 +416,11 @@ def task_run_config(config: Config, task: Task, info: TaskInfo, etype: str,
 
 
 def assign_tasks(config: Config, hosts: list[HostFacts],
-                 instances: dict[str, tuple[Instance, ...]]) -> dict[str, list[TaskRun]]:
-    """shard: task k goes to host k mod H (and within a host round-robin over its
-    instances); every_host: each host runs every task."""
+                 instances: dict[str, tuple[Instance, ...] | tuple[Proxy]]
+                 ) -> dict[str, list[TaskRun]]:
+    """shard: task k goes to host k mod H (and within a host round-robin over what serves
+    there: its instances, or the proxy in front of them); every_host: each host runs every
+    task."""
     tasks = resolve_tasks(config)
     out: dict[str, list[TaskRun]] = {h.name: [] for h in hosts}
     if not hosts:
@@ -477,13 +503,16 @@ def plan(config: Config, hosts: list[HostFacts], api_key_id: str = "") -> Plan:
                          "preflight of `evalprov apply` (or pass --gpus N / --facts FILE)")
     else:
         need = 0
-    assigned = assign_tasks(config, hosts, instances)
+    proxies = {h.name: plan_proxy(config, h.name, instances.get(h.name, ())) for h in hosts}
+    assigned = assign_tasks(config, hosts, {
+        h: (proxies[h],) if proxies[h] else insts for h, insts in instances.items()})
     idle = [h.name for h in hosts if not assigned[h.name]]
     if idle and config.evaluation.tasks:
         notes.append(f"{len(idle)} host(s) get no task under placement shard "
                      f"({len(config.evaluation.tasks)} task(s) for {len(hosts)} hosts)")
     host_plans = tuple(
-        HostPlan(h.name, h.gpus, instances.get(h.name, ()), tuple(assigned[h.name]))
+        HostPlan(h.name, h.gpus, instances.get(h.name, ()), tuple(assigned[h.name]),
+                 proxies[h.name])
         for h in hosts
     )
     return Plan(
@@ -512,6 +541,67 @@ def plan(config: Config, hosts: list[HostFacts], api_key_id: str = "") -> Plan:
                                  for m in i.mounts if not m.read_only})),
         auxiliary=plan_auxiliary(config),
     )
+
+
+def proxy_settings(config: Config) -> tuple[str, int, str] | None:
+    """execution.proxy as NEL writes it ({type: haproxy, config: {haproxy_port,
+    health_check_path, health_check_status}}; absent: those defaults): (type, port, health
+    path), or None for type none (tasks round-robin over a host's instances instead)."""
+    dep = config.deployment
+    assert isinstance(dep, VllmDeployment)
+    raw = getattr(config.execution, "proxy", None) or {}
+    if not isinstance(raw, dict):
+        raise PlanError(f"execution.proxy: {raw!r} is not a map; write {{type: haproxy, "
+                        "config: {haproxy_port: 5009}} or {type: none}")
+    kind = raw.get("type", "haproxy")
+    if kind == "none":
+        return None
+    if kind != "haproxy":
+        raise PlanError(f"execution.proxy.type: {kind!r} is not a proxy evalprov runs; use "
+                        "haproxy or none")
+    conf = raw.get("config") or {}
+    if not isinstance(conf, dict):
+        raise PlanError(f"execution.proxy.config: {conf!r} is not a map; write "
+                        "{haproxy_port: 5009, health_check_path: /health}")
+    port = conf.get("haproxy_port", PROXY_PORT)
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65534:
+        raise PlanError(f"execution.proxy.config.haproxy_port: {port!r} is not a port; use "
+                        "1-65534 (its stats listen on the next port)")
+    path = conf.get("health_check_path", dep.endpoints.health)
+    status = conf.get("health_check_status", 200)
+    if status != 200:
+        raise PlanError(f"execution.proxy.config.health_check_status: {status!r}; evalprov's "
+                        "proxy checks for 200 (vLLM's /health); remove the field")
+    return kind, port, path
+
+
+def plan_proxy(config: Config, host: str, instances: tuple[Instance, ...]) -> Proxy | None:
+    """The proxy in front of a host's instances, when there are two or more and
+    execution.proxy is not type none."""
+    from evalprov import lb
+
+    if len(instances) < 2 or not isinstance(config.deployment, VllmDeployment):
+        return None
+    settings = proxy_settings(config)
+    if settings is None:
+        return None
+    _, port, path = settings
+    taken = {i.port: i.name for i in instances}
+    for p, what in ((port, "haproxy_port"), (port + 1, "haproxy_port + 1 (its stats)")):
+        if p in taken:
+            raise PlanError(f"execution.proxy.config.haproxy_port: {what} is {p}, the port of "
+                            f"instance {taken[p]} on host {host}; pick a port outside "
+                            f"{min(taken)}-{max(taken)}")
+    listen = config.deployment.host or LOOPBACK
+    servers = tuple((i.name, i.port) for i in instances)
+    try:
+        text = lb.render_haproxy_cfg(
+            listen_host=listen, listen_port=port, stats_port=port + 1, health_path=path,
+            servers=[lb.Server(name, LOOPBACK, p) for name, p in servers])
+    except lb.LbError as exc:
+        raise PlanError(f"execution.proxy.config: {exc}") from None
+    digest = spec_hash(config=text, members=[i.spec_hash for i in instances])
+    return Proxy(host, port, port + 1, listen, servers, text, digest)
 
 
 def plan_auxiliary(config: Config) -> tuple[AuxPlan, ...]:

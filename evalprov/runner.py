@@ -58,6 +58,8 @@ class RunResult:
     tasks: list[dict[str, Any]] = field(default_factory=list)  # evaluation results
     interrupted: bool = False
     decision: dict[str, Any] | None = None  # what evalprov_decide returned
+    # host -> instance -> requests it answered through the host's proxy during the tasks
+    proxy_requests: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
     def failed_hosts(self) -> list[str]:

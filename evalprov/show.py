@@ -58,6 +58,11 @@ def plan_text(plan: Plan) -> str:
             lines.append(f"    argv: {shlex.join(inst.argv)}")
             if inst.env_names:
                 lines.append(f"    env: {', '.join(inst.env_names)}")
+        if hp.proxy:
+            lines.append(f"  proxy {hp.proxy.name}  haproxy on {hp.proxy.listen}:{hp.proxy.port} "
+                         f"(stats 127.0.0.1:{hp.proxy.stats_port})  leastconn over "
+                         f"{', '.join(f'{n}:{p}' for n, p in hp.proxy.servers)}  "
+                         f"spec {hp.proxy.spec_hash}")
         if not hp.tasks:
             lines.append("  tasks: none")
         for t in hp.tasks:
@@ -158,6 +163,10 @@ def run_summary(result: RunResult, check: bool) -> tuple[str, int]:
     if result.tasks:
         rows.append("")
         rows.append(render_results({"tasks": result.tasks}, "table"))
+    for host, counts in sorted(result.proxy_requests.items()):
+        each = ", ".join(f"{name} {n}" for name, n in sorted(counts.items()))
+        rows.append(f"proxy on {host}: {sum(counts.values())} request(s) over "
+                    f"{len(counts)} instance(s): {each}")
     if check:
         decided = (result.decision or {}).get("hosts") or {}
         for host in sorted(decided):  # why, in evalprov's words (the decision)

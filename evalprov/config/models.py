@@ -411,6 +411,11 @@ class _ExecutionCommon(_EnvVarsMixin):
         Int | None,
         Field(ge=1, le=MAX_TIMEOUT, description="NEL's name for the health timeout, seconds."),
     ] = None
+    proxy: Annotated[
+        dict[str, Any] | None,
+        Field(description="The proxy in front of several instances (NEL's): {type: haproxy, "
+              "config: {haproxy_port: 5009, health_check_path: /health}}, or {type: none}."),
+    ] = None
     instances_per_host: Annotated[
         int | Literal["auto"],
         Field(description="vLLM instances per host (consecutive ports, disjoint GPUs); auto "
@@ -551,7 +556,6 @@ class SlurmExecution(_ExecutionCommon):
     mounts: Annotated[SlurmMounts, Field(description="Container mounts.")] = Field(
         default_factory=SlurmMounts
     )
-    proxy: Annotated[dict[str, Any] | None, Field(description="Proxy before instances.")] = None
     local_output_dir: Annotated[
         str,
         Field(description="evalprov: where results, logs and the ledger land on the "

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import subprocess
 import sys
@@ -68,15 +69,29 @@ def run_apply(config: Path, inventory: Path, **opts):
     return plan, result, run_dir, code, text
 
 
-def test_real_harness_scores_come_home_and_secrets_stay_out(eval_fleet, tmp_path, monkeypatch):
+def test_real_harness_scores_come_home_and_secrets_stay_out(eval_fleet, tmp_path, monkeypatch,
+                                                           capsys):
     fleet, inv, image = eval_fleet
     monkeypatch.setenv("EVALPROV_TEST_GPQA_TOKEN", SECRET)
+    # the servers take a while to become healthy, as vLLM does while it loads
     config = write_config(tmp_path, image, [
         {"name": "ifeval"},
         {"name": "gpqa_diamond", "env_vars": {"HF_TOKEN": "EVALPROV_TEST_GPQA_TOKEN"}},
-    ], placement="shard")
+    ], placement="shard", deployment={"env_vars": {"STANDIN_START_DELAY": "lit:8"}})
     _plan, result, run_dir, code, text = run_apply(config, inv)
     assert code == 0, text
+    # progress in a pipe: plain lines, no control characters; each host's health wait and
+    # evaluation get a line, and each task's samples end with its outcome
+    progress = capsys.readouterr().err
+    assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f]", progress), repr(progress[-2000:])
+    lines = progress.splitlines()
+    for host, task in (("h1", "ifeval"), ("h2", "gpqa_diamond")):
+        assert any(re.search(rf"{host}\s+loading\s+waiting for /health", line)
+                   for line in lines), progress[-3000:]
+        assert any(re.search(rf"{host}\s+evaluating\s+running the evaluation tasks", line)
+                   for line in lines), progress[-3000:]
+        mine = [line for line in lines if re.search(rf"{host}\s+{task}\s+\d/3 samples", line)]
+        assert mine and re.search(r"3/3 samples, .*succeeded$", mine[-1]), mine
     by_task = {t["task"]: t for t in result.tasks}
     assert by_task["ifeval"]["host"] == "h1" and by_task["gpqa_diamond"]["host"] == "h2"
     for name, metric in (("ifeval", "prompt_level_strict_acc"), ("gpqa_diamond", "score")):

@@ -61,7 +61,7 @@ def raw_probe(gpus: int = 8, **over: Any) -> dict[str, Any]:
                    "root_dir": "/var/lib/docker",
                    "image": {"id": IMAGE_ID, "digests": [DIGEST]}, "remote_digest": ""},
         "listening": [22], "dirs": {}, "disk_free_gib": {"/var/lib/docker": 500.0},
-        "venvs": {}, "units": {},
+        "venvs": {}, "units": {}, "proxy": None, "haproxy": "/usr/sbin/haproxy",
     }
     for key, value in over.items():
         if key.startswith("docker_"):
@@ -85,7 +85,12 @@ def facts(gpus: int = 8, **over: Any) -> HostFacts:
 
 def served(p: Plan, host: str = "h", gpus: int = 8, **over: Any) -> HostFacts:
     """A host where every planned instance is up and serving, listening on its port."""
-    ports = [22, *(i.port for i in p.host(host).instances)]
+    hp = p.host(host)
+    ports = [22, *(i.port for i in hp.instances)]
+    if hp.proxy and "proxy" not in over:
+        ports += [hp.proxy.port, hp.proxy.stats_port]
+        over["proxy"] = {"spec_hash": hp.proxy.spec_hash, "port": hp.proxy.port,
+                         "running": True, "serving": True}
     return facts(gpus, units=units_of(p, host), listening=ports, **over)
 
 
@@ -504,7 +509,8 @@ def test_policy_always_with_a_new_registry_digest_pulls_and_recreates_every_inst
     assert a.wait == a.start
     assert a.reasons[0] == (f"pull vllm/vllm-openai:latest (image_pull_policy always; "
                             f"registry digest {NEW_DIGEST})")
-    assert all("image vllm/vllm-openai:latest moved to" in r for r in a.reasons[1:])
+    assert all("image vllm/vllm-openai:latest moved to" in r for r in a.reasons[1:]
+               if r.startswith("recreate"))
 
 
 def test_policy_always_with_the_registry_digest_unknown_pulls(gpu_plan):
@@ -649,9 +655,10 @@ def test_destroy_removes_every_unit_found(vllm_config):
     assert d.host_vars["a"] == {"evalprov_state": "pending",
                                 "evalprov_actions": ["remove evalprov-vllm-0",
                                                      "remove evalprov-vllm-7"],
-                                "evalprov_vllm_remove": ["evalprov-vllm-0", "evalprov-vllm-7"]}
+                                "evalprov_vllm_remove": ["evalprov-vllm-0", "evalprov-vllm-7"],
+                                "evalprov_vllm_proxy_remove": False}
     assert d.host_vars["b"] == {"evalprov_state": "converged", "evalprov_actions": [],
-                                "evalprov_vllm_remove": []}
+                                "evalprov_vllm_remove": [], "evalprov_vllm_proxy_remove": False}
 
 
 def test_role_vars_carry_the_actions_in_the_roles_form(vllm_config):

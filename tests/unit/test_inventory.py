@@ -140,7 +140,7 @@ def test_each_hosts_preflight_checks_are_made_by_check_against_its_facts(fleet_p
     def probed(gpus: int, listening: tuple[int, ...] = (), ckpt: bool = True) -> Probed:
         return Probed(gpu_count=gpus, docker_present=True, docker_running=True,
                       nvidia_runtime=True, listening=frozenset(listening),
-                      dirs={"/models/llama": ckpt})
+                      dirs={"/models/llama": ckpt}, haproxy="/usr/sbin/haproxy")
 
     assert check(fleet_plan, {"gpu-a": probed(8), "gpu-b": probed(4)}).problems == ()
     problems = check(fleet_plan, {"gpu-a": probed(8, (8003, 8004)),
@@ -160,25 +160,31 @@ def _run_config(task: str, harness: str, url: str, etype: str = "chat") -> dict:
 
 
 def test_each_host_gets_its_tasks(fleet_plan):
+    """Through the proxy in front of a host's instances (gpu-a has 4 of them, gpu-b 2)."""
     hosts = render(fleet_plan)["all"]["hosts"]
     tasks = [{k: v for k, v in t.items() if k not in ("run_config", "volumes")}
              for t in hosts["gpu-a"]["evalprov_plan_tasks"]]
     assert [t["run_config"] for t in hosts["gpu-a"]["evalprov_plan_tasks"]] == [
-        _run_config("ifeval", "lm-evaluation-harness", "http://127.0.0.1:8000/v1/chat/completions"),
-        _run_config("gpqa_diamond", "simple_evals", "http://127.0.0.1:8001/v1/chat/completions"),
+        _run_config("ifeval", "lm-evaluation-harness", "http://127.0.0.1:5009/v1/chat/completions"),
+        _run_config("gpqa_diamond", "simple_evals", "http://127.0.0.1:5009/v1/chat/completions"),
     ]
     assert tasks == [
         {"name": "ifeval", "task": "ifeval", "harness": "lm-evaluation-harness",
          "container": "nvcr.io/nvidia/eval-factory/lm-evaluation-harness:26.03",
-         "endpoint_type": "chat", "instance": "evalprov-vllm-0",
-         "url": "http://127.0.0.1:8000/v1/chat/completions", "env_names": []},
+         "endpoint_type": "chat", "instance": "evalprov-lb",
+         "url": "http://127.0.0.1:5009/v1/chat/completions", "env_names": []},
         {"name": "gpqa_diamond", "task": "gpqa_diamond", "harness": "simple_evals",
          "container": "nvcr.io/nvidia/eval-factory/simple-evals:26.03",
-         "endpoint_type": "chat", "instance": "evalprov-vllm-1",
-         "url": "http://127.0.0.1:8001/v1/chat/completions", "env_names": ["HF_TOKEN"]},
+         "endpoint_type": "chat", "instance": "evalprov-lb",
+         "url": "http://127.0.0.1:5009/v1/chat/completions", "env_names": ["HF_TOKEN"]},
     ]
     assert [t["name"] for t in hosts["gpu-b"]["evalprov_plan_tasks"]] == ["mmlu"]
-    assert hosts["gpu-b"]["evalprov_plan_tasks"][0]["url"].endswith(":8000/v1/completions")
+    assert hosts["gpu-b"]["evalprov_plan_tasks"][0]["url"].endswith(":5009/v1/completions")
+    proxy = hosts["gpu-b"]["evalprov_plan_proxy"]
+    assert proxy["servers"] == [{"name": "evalprov-vllm-0", "port": 8000},
+                                {"name": "evalprov-vllm-1", "port": 8001}]
+    assert proxy["argv"] == ["haproxy", "-db", "-f", "/var/lib/evalprov/vllm/evalprov-lb.cfg"]
+    assert "    server evalprov-vllm-1 127.0.0.1:8001\n" in proxy["config"]
 
 
 def test_every_variable_carries_the_evalprov_prefix(fleet_plan):

@@ -328,9 +328,9 @@ def test_shard_spreads_tasks_across_hosts_each_once(vllm_config):
         assert run.host in by_host and run.name in by_host[run.host]
 
 
-def test_shard_round_robins_a_hosts_tasks_over_its_instances(vllm_config):
+def test_shard_round_robins_a_hosts_tasks_over_its_instances_without_a_proxy(vllm_config):
     config = vllm_config(tasks=TASKS5, deployment={"tensor_parallel_size": 2},
-                                   execution={"instances_per_host": "auto"})
+                         execution={"instances_per_host": "auto", "proxy": {"type": "none"}})
     p = plan(config, [HostFacts("a", 4)])
     assert [t.instance for t in p.task_runs] == [
         "evalprov-vllm-0", "evalprov-vllm-1", "evalprov-vllm-0", "evalprov-vllm-1",

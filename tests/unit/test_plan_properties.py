@@ -54,7 +54,9 @@ def test_planner_properties(vllm_config, tp, pp, dp, wanted, gpus, port, tasks, 
     config = vllm_config(
         deployment={"tensor_parallel_size": tp, "pipeline_parallel_size": pp,
                     "data_parallel_size": dp, "port": port, "extra_args": shlex.join(extra)},
-        execution={"instances_per_host": wanted, "placement": placement},
+        # without the proxy (its port is tested in test_proxy_plan.py): tasks round-robin
+        execution={"instances_per_host": wanted, "placement": placement,
+                   "proxy": {"type": "none"}},
         tasks=[{"name": t} for t in tasks],
     )
     hosts = [HostFacts(f"h{i}", g) for i, g in enumerate(gpus)]

@@ -57,6 +57,56 @@ def listening_ports():
 # ---------------------------------------------------------------------------- process runtime
 
 
+# the proxy in front of a host's instances (evalprov.plan.PROXY_NAME): a supervised haproxy
+# whose state file lies beside the process runtime's instances
+PROXY_NAME = "evalprov-lb"
+PROXY_BACKEND = "evalprov_vllm"
+
+
+def proxy_servers(stats_port):
+    """server name -> (UP?, requests so far) of the proxy's backend, from its loopback stats
+    CSV ({} when the stats do not answer)."""
+    import csv
+    import io
+
+    status, body = http_get(f"http://127.0.0.1:{int(stats_port)}/stats;csv", timeout=3)
+    text = body.decode("utf-8", "replace").lstrip()
+    if status != 200 or not text.startswith("# pxname,"):
+        return {}
+    header, _, rest = text.partition("\n")
+    fields = header[2:].rstrip(",").split(",")
+    out = {}
+    for row in csv.DictReader(io.StringIO(rest), fieldnames=fields, restkey="_"):
+        if row.get("pxname") == PROXY_BACKEND and row.get("svname") not in (
+                "FRONTEND", "BACKEND", None):
+            up = (row.get("status") or "").split(" ", 1)[0] == "UP"
+            count = row.get("req_tot") or row.get("stot") or "0"
+            out[row["svname"]] = (up, int(count) if count.isdigit() else 0)
+    return out
+
+
+PROXY_BEFORE = "proxy-before.json"
+
+
+def proxy_mark(run_dir, stats_port):
+    """Keep the proxy's request counts as the tasks start (its counters run since it
+    started)."""
+    counts = {name: n for name, (_, n) in proxy_servers(stats_port).items()}
+    with open(os.path.join(run_dir, PROXY_BEFORE), "w") as f:
+        json.dump({"stats_port": stats_port, "requests": counts}, f)
+
+
+def proxy_requests(run_dir):
+    """Requests each server behind the proxy answered since proxy_mark ({} without one)."""
+    try:
+        with open(os.path.join(run_dir, PROXY_BEFORE)) as f:
+            before = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    now = proxy_servers(before["stats_port"])
+    return {name: n - before["requests"].get(name, 0) for name, (_, n) in now.items()}
+
+
 def read_state(state_dir, name):
     """The process runtime's state file of an instance ({} when there is none)."""
     try:

@@ -61,11 +61,13 @@ import subprocess
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.evalprov.fleet.plugins.module_utils.evalprov_host import (
+    PROXY_NAME,
     containers,
     docker_api,
     health,
     is_ours,
     listening_ports,
+    proxy_servers,
     quote,
     read_state,
     state_names,
@@ -137,12 +139,32 @@ def docker_units():
 def process_units(state_dir):
     units = {}
     for name in state_names(state_dir):
+        if name == PROXY_NAME:
+            continue
         rec = read_state(state_dir, name)
         running = bool(rec) and is_ours(rec)
         units[name] = {"spec_hash": rec.get("spec_hash", ""), "port": rec.get("port"),
                        "running": running, "status": "running" if running else "exited",
                        "image_id": ""}
     return units
+
+
+def proxy_unit(state_dir):
+    """The proxy evalprov started on this host (None: none), and whether its every backend
+    server is up."""
+    rec = read_state(state_dir, PROXY_NAME)
+    if not rec:
+        return None
+    running = is_ours(rec)
+    servers = proxy_servers(rec["stats_port"]) if running and rec.get("stats_port") else {}
+    return {"spec_hash": rec.get("spec_hash", ""), "port": rec.get("port"),
+            "running": running, "serving": bool(servers) and all(up for up, _ in servers.values())}
+
+
+def haproxy_path():
+    return shutil.which("haproxy") or next(
+        (p for p in ("/usr/sbin/haproxy", "/usr/local/sbin/haproxy") if os.access(p, os.X_OK)),
+        "")
 
 
 def venv_state(venvs):
@@ -212,6 +234,8 @@ def main():
         disk_free_gib={d: free_gib(d) for d in disk},
         venvs=venv_state(p["venvs"]),
         units=units,
+        proxy=proxy_unit(p["state_dir"]),
+        haproxy=haproxy_path(),
     )
 
 

@@ -23,7 +23,7 @@ options:
     type: list
     elements: str
   venv:
-    description: The vLLM venv.
+    description: The venv whose bin holds argv[0] (none: argv[0] is an absolute path).
     type: path
   env:
     description: Environment values that are not secret (shown in output and diffs).
@@ -39,6 +39,10 @@ options:
   port:
     description: Port the instance serves on (kept in the state file for the probe).
     type: int
+  record:
+    description: More values kept in the state file for the probe (e.g. a proxy's stats port).
+    type: dict
+    default: {}
   state_dir:
     description: Where state files, pid files and logs live.
     type: path
@@ -101,12 +105,25 @@ def stop_background(state, timeout):
     return True
 
 
+def program(p):
+    """argv with argv[0] resolved in the venv's bin (an absolute argv[0] stays)."""
+    first = p["argv"][0]
+    if p["venv"] and not os.path.isabs(first):
+        first = os.path.join(p["venv"], "bin", first)
+    return [first, *p["argv"][1:]]
+
+
+def search_path(p):
+    return (os.path.join(p["venv"], "bin") + ":" if p["venv"] else "") + \
+        "/usr/local/bin:/usr/bin:/bin"
+
+
 def start_background(p, log_path):
-    env = {"PATH": os.path.join(p["venv"], "bin") + ":/usr/local/bin:/usr/bin:/bin",
-           "HOME": os.environ.get("HOME", "/root"), "VIRTUAL_ENV": p["venv"],
-           "LANG": "C.UTF-8"}
+    env = {"PATH": search_path(p), "HOME": os.environ.get("HOME", "/root"), "LANG": "C.UTF-8"}
+    if p["venv"]:
+        env["VIRTUAL_ENV"] = p["venv"]
     env.update({k: str(v) for k, v in (p["env"] or {}).items()})
-    argv = [os.path.join(p["venv"], "bin", p["argv"][0]), *p["argv"][1:]]
+    argv = program(p)
     with open(log_path, "ab") as log:
         os.chmod(log_path, 0o600)
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
@@ -127,15 +144,16 @@ def start_systemd(p, unit, log_path):
     with os.fdopen(fd, "w") as f:
         for k, v in (p["env"] or {}).items():
             f.write(f"{k}={json.dumps(str(v))}\n")
-    argv = [os.path.join(p["venv"], "bin", p["argv"][0]), *p["argv"][1:]]
+    argv = program(p)
     quoted = " ".join(json.dumps(a) for a in argv)
+    venv = f" VIRTUAL_ENV={p['venv']}" if p["venv"] else ""
     with open(f"/etc/systemd/system/{unit}", "w") as f:
         f.write(f"""[Unit]
-Description=evalprov vLLM instance {p['name']}
+Description=evalprov {p['name']}
 After=network-online.target
 
 [Service]
-Environment=PATH={p['venv']}/bin:/usr/local/bin:/usr/bin:/bin VIRTUAL_ENV={p['venv']}
+Environment=PATH={search_path(p)}{venv}
 EnvironmentFile={env_file}
 ExecStart={quoted}
 WorkingDirectory={p['state_dir']}
@@ -166,12 +184,13 @@ def main():
             "secret_env": {"type": "dict", "default": {}, "no_log": True},
             "spec_hash": {"type": "str"},
             "port": {"type": "int"},
+            "record": {"type": "dict", "default": {}},
             "state_dir": {"type": "path", "required": True},
             "supervisor": {"type": "str", "choices": ["auto", "systemd", "background"],
                            "default": "auto"},
             "stop_timeout": {"type": "int", "default": 30},
         },
-        required_if=[("state", "started", ("argv", "venv", "spec_hash"))],
+        required_if=[("state", "started", ("argv", "spec_hash"))],
         supports_check_mode=True,
     )
     p = module.params
@@ -206,7 +225,8 @@ def main():
         pid = start_systemd(p, unit, log_path)
     else:
         pid = start_background(p, log_path)
-    new = {"pid": pid, "start_time": start_time(pid), "spec_hash": p["spec_hash"],
+    new = {**(p["record"] or {}), "pid": pid, "start_time": start_time(pid),
+           "spec_hash": p["spec_hash"],
            "port": p["port"],
            "supervisor": supervisor, "argv": p["argv"], "log": log_path}
     tmp = state_path + ".tmp"

@@ -72,13 +72,22 @@ options:
       returned as provenance. Empty reads nothing.
     type: dict
     default: {}
+  proxy_stats_port:
+    description: The stats port of the proxy the tasks call (0, none); the requests each
+      instance behind it answered while they ran are returned as proxy_requests.
+    type: int
+    default: 0
 author: evalprov
 """
 
 import os
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible_collections.evalprov.fleet.plugins.module_utils.evalprov_host import write_pid
+from ansible_collections.evalprov.fleet.plugins.module_utils.evalprov_host import (
+    proxy_mark,
+    proxy_requests,
+    write_pid,
+)
 from ansible_collections.evalprov.fleet.plugins.module_utils.evalprov_tasks import (
     PID,
     poll,
@@ -102,6 +111,7 @@ def main():
             "timeout": {"type": "int", "default": 86400},
             "log_lines": {"type": "int", "default": 40},
             "provenance": {"type": "dict", "default": {}},
+            "proxy_stats_port": {"type": "int", "default": 0},
         },
         supports_check_mode=True,
     )
@@ -110,6 +120,8 @@ def main():
         if module.check_mode:
             module.exit_json(changed=False, running=False, tasks=[])
         result = poll(p["run_dir"], p["wait"])
+        if not result.get("running"):
+            result["proxy_requests"] = proxy_requests(p["run_dir"])
         if result.pop("failed", False):
             module.fail_json(**result)
         module.exit_json(**result)
@@ -121,6 +133,8 @@ def main():
     os.makedirs(p["run_dir"], mode=0o700, exist_ok=True)
     if p["runtime"] == "docker":
         remove_stale_containers(p["owner"])
+    if p["proxy_stats_port"]:
+        proxy_mark(p["run_dir"], p["proxy_stats_port"])
     if p["state"] == "start":
         pid = start(p)
         if not pid:

@@ -46,6 +46,11 @@ options:
   api_key:
     description: The deployment's API key, sent to /v1/models when its servers require one.
     type: str
+  proxy:
+    description: The proxy in front of the instances (name, stats_port, servers); once they
+      are healthy, wait until it has every server up too. Empty, none.
+    type: dict
+    default: {}
 author: evalprov
 """
 
@@ -60,6 +65,7 @@ from ansible_collections.evalprov.fleet.plugins.module_utils.evalprov_host impor
     decisive_line,
     health,
     is_ours,
+    proxy_servers,
     read_state,
 )
 
@@ -112,12 +118,14 @@ def main():
             "state_dir": {"type": "path", "default": "/var/lib/evalprov/vllm"},
             "log_lines": {"type": "int", "default": 200},
             "api_key": {"type": "str", "no_log": True},
+            "proxy": {"type": "dict", "default": {}},
         },
         supports_check_mode=True,
     )
     p = module.params
     pending = {i["name"]: i for i in p["instances"]}
-    if module.check_mode or not pending:
+    proxy = p["proxy"] or {}
+    if module.check_mode or not (pending or proxy):
         module.exit_json(changed=False, waited_for=sorted(pending), healthy=[])
     start = time.monotonic()
     deadline = start + p["timeout"]
@@ -153,7 +161,31 @@ def main():
                     "raise execution.health_check_timeout if the model loads slowly",
                 failed_instance=name, healthy=healthy, reason="timeout")
         time.sleep(p["interval"])
+    if proxy:
+        wait_proxy(module, proxy, deadline, p["interval"], p["state_dir"])
+        healthy[proxy["name"]] = round(time.monotonic() - start, 1)
     module.exit_json(changed=False, healthy=healthy, waited_for=sorted(healthy))
+
+
+def wait_proxy(module, proxy, deadline, interval, state_dir):
+    """Until the proxy reports every server behind it up (its health checks need a few
+    looks after a server becomes healthy); fail when haproxy exits or at the deadline."""
+    name, wanted = proxy["name"], set(proxy["servers"])
+    up = {}
+    while True:
+        up = proxy_servers(proxy["stats_port"])
+        if wanted <= {s for s, (ok, _) in up.items() if ok}:
+            return
+        if not is_ours(read_state(state_dir, name)):
+            tail = log_tail("process", state_dir, name, 50)
+            module.fail_json(msg=f"proxy {name} (haproxy) exited: {decisive_line(tail) or tail}",
+                             failed_instance=name, reason="exited", log_tail=tail)
+        if time.monotonic() >= deadline:
+            down = sorted(wanted - {s for s, (ok, _) in up.items() if ok})
+            module.fail_json(msg=f"proxy {name}: instance(s) {', '.join(down)} not up behind "
+                                 "it at the deadline", failed_instance=name, reason="timeout",
+                             log_tail=log_tail("process", state_dir, name, 50))
+        time.sleep(interval)
 
 
 if __name__ == "__main__":
