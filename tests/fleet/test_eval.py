@@ -334,3 +334,52 @@ def test_secrets_passed_every_way_and_the_api_key_of_an_opened_api_leave_no_valu
 
 def stat_mode(path: Path) -> int:
     return path.stat().st_mode & 0o777
+
+
+def _metric(fleet, host: str, port: int, name: str) -> int:
+    code = ("import sys, urllib.request; sys.stdout.write(urllib.request.urlopen("
+            f"'http://127.0.0.1:{port}/metrics', timeout=10).read().decode())")
+    text = fleet.exec(host, ["python3", "-c", code]).stdout.decode()
+    (line,) = [x for x in text.splitlines() if x.startswith(name + " ")]
+    return int(float(line.split()[1]))
+
+
+def _haproxy_pids(fleet, host: str) -> list[str]:
+    out = fleet.exec(host, ["pgrep", "-x", "haproxy"], check=False).stdout.decode()
+    return out.split()
+
+
+def test_two_instances_on_a_host_serve_the_tasks_behind_one_haproxy(eval_fleet, tmp_path):
+    """instances_per_host 2: the task calls the host's proxy (real haproxy), its requests
+    spread over both instances, the counts come home; a second apply changes nothing and
+    destroy stops the proxy too."""
+    fleet, inv, image = eval_fleet
+    config = write_config(tmp_path, image, [{"name": "ifeval"}], placement="shard",
+                          instances_per_host=2)
+    plan, result, run_dir, code, text = run_apply(config, inv, limit="h1")
+    assert code == 0, text
+    (hp,) = [h for h in plan.hosts if h.host == "h1"]
+    assert hp.proxy is not None and [t.url for t in hp.tasks] == [
+        "http://127.0.0.1:5009/v1/chat/completions"]
+    (rec,) = result.tasks
+    assert rec["status"] == "succeeded", rec
+    # haproxy's counts, as they came home, are the instances' own
+    counts = result.proxy_requests["h1"]
+    assert set(counts) == {"evalprov-vllm-0", "evalprov-vllm-1"}
+    assert all(n > 0 for n in counts.values()), counts  # spread over both
+    for inst in hp.instances:
+        assert _metric(fleet, "h1", inst.port, "vllm:num_requests_total") == counts[inst.name]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["proxy_requests"] == {"h1": counts}
+    assert re.search(r"proxy on h1: \d+ request\(s\) over 2 instance\(s\)", text), text
+    assert len(_haproxy_pids(fleet, "h1")) >= 1
+
+    _, again, _, code, text = run_apply(config, inv, limit="h1")
+    assert code == 0, text
+    assert again.hosts["h1"].changed == 0, text
+
+    proc = subprocess.run([sys.executable, "-m", "evalprov.cli", "destroy", str(config), "-i",
+                           str(inv), "--limit", "h1"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert _haproxy_pids(fleet, "h1") == []
