@@ -270,7 +270,7 @@ def test_quickstart_from_the_wheel_serves_real_vllm_and_scores_with_the_real_har
         # 3. nothing to do: no change on the host, every task carried over from run 2
         proc = user.run("apply")
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        assert re.search(r"^localhost\s+\d+\s+0\s+0\s+0\s+ok\s*$", proc.stdout, re.M), \
+        assert re.search(r"^localhost\s+\d+\s+0\s+0\s+0\s+\d+\s+ok\s*$", proc.stdout, re.M), \
             proc.stdout
         third = user.summaries()[-1]
         assert all(t.get("reused_from") == second["dir"].name for t in third["tasks"]), third

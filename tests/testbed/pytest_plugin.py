@@ -37,6 +37,20 @@ from .image import STANDIN_IMAGE, ensure_standin_image
 DEFAULT_GPUS = (8, 4, 2)
 
 
+def pytest_collection_modifyitems(session, config, items) -> None:
+    """The fleet and e2e tests share one machine-wide test fleet: under pytest-xdist they
+    form one group (one worker runs them in turn, the other worker runs the rest), and the
+    tests on the Slurm cluster run last, one after the other, so that the cluster is built
+    once."""
+    def on_cluster(item) -> bool:
+        return "slurm_cluster" in getattr(item, "fixturenames", ())
+
+    items[:] = [i for i in items if not on_cluster(i)] + [i for i in items if on_cluster(i)]
+    for item in items:
+        if item.get_closest_marker("fleet") or item.get_closest_marker("e2e"):
+            item.add_marker(pytest.mark.xdist_group("fleet"))
+
+
 def pytest_configure(config) -> None:
     config.addinivalue_line(
         "markers", "fleet: needs the network-namespace test fleet (root, ip netns)"
