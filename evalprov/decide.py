@@ -87,7 +87,7 @@ def plan_hosts(inputs: Inputs, facts: dict[str, HostFacts]) -> list[PlanHost]:
             count = facts[h.name].gpu_count
         if count is None:
             count = inputs.cached_gpus.get(h.name)
-        out.append(PlanHost(h.name, count))
+        out.append(dataclasses.replace(h, gpus=count))
     return out
 
 
@@ -254,8 +254,8 @@ def plan_or_every_problem(inputs: Inputs, facts: dict[str, HostFacts]) -> Plan:
             raise
         failed = frozenset(exc.hosts)
         try:
-            rest = plan(inputs.config, [PlanHost(h.name, None) if h.name in failed else h
-                                        for h in hosts], inputs.api_key_id)
+            rest = plan(inputs.config, [dataclasses.replace(h, gpus=None) if h.name in failed
+                                        else h for h in hosts], inputs.api_key_id)
         except PlanError:
             raise exc from None
         if inputs.evaluate:

@@ -183,5 +183,6 @@ def host_facts(
         count = known.get(name)
         if count is None:
             count = gpus if gpus is not None else _gpu_var(name, hv.get(GPU_COUNT_VAR))
-        out.append(HostFacts(name, count))
+        address = hv.get("ansible_host")
+        out.append(HostFacts(name, count, str(address) if address else None))
     return out

@@ -35,6 +35,8 @@ TASK_RESULTS_DIR = "/work/results"
 CHECKPOINT_MOUNT = "/checkpoint"
 LOOPBACK = "127.0.0.1"
 HF_CACHE_MOUNT = "/root/.cache/huggingface"
+DP_RPC_PORT = 29550  # vLLM's --data-parallel-rpc-port default
+RAY_PORT = 6379  # `ray start --head`'s default
 PROXY_NAME = "evalprov-lb"
 PROXY_PORT = 5009  # NEL's haproxy_port
 
@@ -46,6 +48,11 @@ class HostFacts:
 
     name: str
     gpus: int | None = None
+    address: str | None = None  # where the other hosts reach it (inventory ansible_host)
+
+    @property
+    def reach(self) -> str:
+        return self.address or self.name
 
 
 @dataclass(frozen=True)
@@ -76,10 +83,39 @@ class Instance:
     env_names: tuple[str, ...]
     spec_hash: str
     env: tuple[tuple[str, str], ...] = ()  # non-secret env (runtime's own, plain literals)
+    # a deployment over a node group of hosts (NodeGroup): this host's part of it
+    role: str = "single"  # single | head (serves the API) | worker (headless or Ray)
+    group: str = ""  # the node group's name
+    pre_argv: tuple[str, ...] = ()  # what runs first on the host (the Ray head / worker)
 
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def serves(self) -> bool:
+        """It answers the API (a single instance or a group's head)."""
+        return self.role != "worker"
+
+
+@dataclass(frozen=True)
+class NodeGroup:
+    """One instance over several hosts of equal GPU counts: the head serves the API, the
+    workers join it. mode "data-parallel": vLLM's native multi-node data parallel (headless
+    workers, `local` ranks per host); "ray": TP inside a host, PP across hosts, on a Ray
+    cluster."""
+
+    name: str
+    mode: str
+    hosts: tuple[str, ...]  # head first
+    addresses: tuple[str, ...]  # the inter-node address of each host
+    gpus_per_host: int
+    port: int  # the rpc port (data parallel) or Ray's port
+    local: int = 0  # data-parallel ranks per host
+
+    @property
+    def head(self) -> str:
+        return self.hosts[0]
 
 
 @dataclass(frozen=True)
@@ -178,6 +214,7 @@ class Plan:
     checkpoints: tuple[str, ...] = ()  # host directories the instances serve from
     disk_paths: tuple[str, ...] = ()  # host directories that receive weights
     auxiliary: tuple[AuxPlan, ...] = ()  # planned, not served yet (a warning says so)
+    groups: tuple[NodeGroup, ...] = ()  # deployments over several hosts
 
     def host(self, name: str) -> HostPlan:
         for h in self.hosts:
@@ -489,8 +526,13 @@ def plan(config: Config, hosts: list[HostFacts], api_key_id: str = "") -> Plan:
     instances: dict[str, tuple[Instance, ...]] = {}
     if isinstance(dep, VllmDeployment):
         need = gpus_per_instance(dep, config.execution.device)
+        grouped, groups, group_notes = node_groups(config, hosts, need, api_key_id)
+        instances.update(grouped)
+        notes.extend(group_notes)
         errors, failed = [], []
         for h in hosts:
+            if h.name in grouped:
+                continue
             try:
                 instances[h.name] = plan_instances(config, h, api_key_id)
             except PlanError as exc:
@@ -502,11 +544,16 @@ def plan(config: Config, hosts: list[HostFacts], api_key_id: str = "") -> Plan:
             notes.append("GPU counts not given for some hosts: GPU fit is checked by the "
                          "preflight of `evalprov apply` (or pass --gpus N / --facts FILE)")
     else:
-        need = 0
+        need, groups = 0, ()
     proxies = {h.name: plan_proxy(config, h.name, instances.get(h.name, ())) for h in hosts}
-    assigned = assign_tasks(config, hosts, {
-        h: (proxies[h],) if proxies[h] else insts for h, insts in instances.items()})
-    idle = [h.name for h in hosts if not assigned[h.name]]
+    # tasks go to the hosts whose instances serve the API (not a group's workers, not a
+    # host left out of the groups)
+    serving = [h for h in hosts if not isinstance(dep, VllmDeployment)
+               or any(i.serves for i in instances.get(h.name, ()))]
+    assigned = {h.name: [] for h in hosts}
+    assigned.update(assign_tasks(config, serving, {
+        h: (proxies[h],) if proxies[h] else insts for h, insts in instances.items()}))
+    idle = [h.name for h in serving if not assigned[h.name]]
     if idle and config.evaluation.tasks:
         notes.append(f"{len(idle)} host(s) get no task under placement shard "
                      f"({len(config.evaluation.tasks)} task(s) for {len(hosts)} hosts)")
@@ -540,7 +587,148 @@ def plan(config: Config, hosts: list[HostFacts], api_key_id: str = "") -> Plan:
         disk_paths=tuple(sorted({m.source for i in instances_list(instances)
                                  for m in i.mounts if not m.read_only})),
         auxiliary=plan_auxiliary(config),
+        groups=groups,
     )
+
+
+def _parallel(dep: VllmDeployment) -> str:
+    return (f"tensor_parallel_size {dep.tensor_parallel_size} x pipeline_parallel_size "
+            f"{dep.pipeline_parallel_size} x data_parallel_size {dep.data_parallel_size}")
+
+
+def group_shape(dep: VllmDeployment, gpus: int) -> tuple[str, int, int]:
+    """How one instance spreads over hosts of `gpus` GPUs: (mode, hosts, data-parallel
+    ranks per host). PlanError when it cannot: TP must stay inside a host."""
+    tp, pp, dp = dep.tensor_parallel_size, dep.pipeline_parallel_size, dep.data_parallel_size
+    per_rank = tp * pp
+    if per_rank <= gpus:
+        local = min(dp, gpus // per_rank)
+        if dp % local:
+            raise PlanError(
+                f"deployment.data_parallel_size: {dp} does not split over hosts of {gpus} GPUs "
+                f"({local} data-parallel rank(s) of tensor_parallel_size {tp} x "
+                f"pipeline_parallel_size {pp} per host); use a multiple of {local}")
+        return "data-parallel", dp // local, local
+    if dp > 1:
+        raise PlanError(
+            f"deployment.data_parallel_size: {dp} with tensor_parallel_size {tp} x "
+            f"pipeline_parallel_size {pp} = {per_rank} GPUs per rank, more than a host's "
+            f"{gpus}: evalprov spreads one rank over hosts (Ray) or several ranks (data "
+            "parallel), not both; set data_parallel_size 1 or fit a rank in one host")
+    if tp > gpus or gpus % tp or per_rank % gpus:
+        raise PlanError(
+            f"deployment.tensor_parallel_size: {tp} with pipeline_parallel_size {pp} over "
+            f"hosts of {gpus} GPUs: across hosts tensor parallelism stays inside a host and "
+            f"pipeline parallelism spans hosts (vLLM's convention); use tensor_parallel_size "
+            f"{gpus} and pipeline_parallel_size {per_rank // gpus if per_rank % gpus == 0 else 'N'}"
+        )
+    return "ray", per_rank // gpus, 0
+
+
+def node_groups(config: Config, hosts: list[HostFacts], need: int, api_key_id: str = ""
+                ) -> tuple[dict[str, tuple[Instance, ...]], tuple[NodeGroup, ...], list[str]]:
+    """When one instance needs more GPUs than hosts have, and every host's GPU count is
+    known, the hosts too small for it form node groups of equal GPU counts (inventory order),
+    each serving one instance. Hosts that fit an instance are planned as before; a too small
+    host with no other of its GPU count is left to the per-host check (which names it)."""
+    dep = config.deployment
+    assert isinstance(dep, VllmDeployment)
+    if (config.execution.device != "gpu" or not need or isinstance(
+            config.execution, SlurmExecution) or any(h.gpus is None for h in hosts)):
+        return {}, (), []
+    small = [h for h in hosts if h.gpus is not None and 0 < h.gpus < need]
+    by_count: dict[int, list[HostFacts]] = {}
+    for h in small:
+        by_count.setdefault(h.gpus or 0, []).append(h)
+    out: dict[str, tuple[Instance, ...]] = {}
+    groups: list[NodeGroup] = []
+    notes: list[str] = []
+    errors: list[str] = []
+    for gpus, members in by_count.items():
+        if len(members) < 2:  # no group: the per-host check names the host
+            continue
+        try:
+            mode, size, local = group_shape(dep, gpus)
+        except PlanError as exc:
+            errors.extend(exc.lines)
+            continue
+        if len(members) < size:
+            have = ", ".join(f"{h.name} ({h.gpus} GPUs)" for h in small)
+            errors.append(
+                f"deployment: one instance ({_parallel(dep)}) needs {size} hosts of {gpus} "
+                f"GPUs; the inventory has {len(members)} of them ({have}); add hosts with "
+                f"{gpus} GPUs, or lower the parallel sizes to fit one host")
+            continue
+        usable = len(members) - len(members) % size
+        for k in range(0, usable, size):
+            chunk = members[k:k + size]
+            group = plan_group(config, f"group-{len(groups)}", mode, chunk, gpus, local,
+                               api_key_id)
+            groups.append(group[0])
+            out.update(group[1])
+        left = members[usable:]
+        if left:
+            for h in left:
+                out[h.name] = ()
+            notes.append(f"{len(left)} host(s) with {gpus} GPUs left out of the node groups "
+                         f"({', '.join(h.name for h in left)}): a group needs {size}")
+    if errors:
+        raise PlanError(*errors, hosts=tuple(h.name for h in small if h.name not in out))
+    return out, tuple(groups), notes
+
+
+def plan_group(config: Config, name: str, mode: str, members: list[HostFacts], gpus: int,
+               local: int, api_key_id: str) -> tuple[NodeGroup, dict[str, tuple[Instance, ...]]]:
+    """The instance of one node group: each member's part (argv, GPUs, role)."""
+    dep = config.deployment
+    assert isinstance(dep, VllmDeployment)
+    runtime = config.execution.runtime
+    model = model_source(dep, runtime)
+    mounts = mounts_for(model, config.execution.hf_cache_dir, runtime)
+    env_names = _env_names(config.env_vars, dep.env_vars,
+                           dict.fromkeys([apikey.VLLM_ENV] if dep.exposed else []))
+    literals = tuple(sorted(plain_literals({**config.env_vars, **dep.env_vars}).items()))
+    port = DP_RPC_PORT if mode == "data-parallel" else RAY_PORT
+    if port == dep.port:
+        raise PlanError(f"deployment.port: {port} is the node group's "
+                        f"{'rpc' if mode == 'data-parallel' else 'Ray'} port; pick another")
+    group = NodeGroup(name, mode, tuple(h.name for h in members),
+                      tuple(h.reach for h in members), gpus, port, local)
+    head = group.addresses[0]
+    base = vllm_argv(dep, model, dep.port, dep.host)
+    out: dict[str, tuple[Instance, ...]] = {}
+    for rank, h in enumerate(members):
+        role = "head" if rank == 0 else "worker"
+        pre: tuple[str, ...] = ()
+        if mode == "data-parallel":
+            used = local * dep.tensor_parallel_size * dep.pipeline_parallel_size
+            dp = ("--data-parallel-size-local", str(local), "--data-parallel-address", head,
+                  "--data-parallel-rpc-port", str(port))
+            argv = (*base, *dp) if role == "head" else (
+                *base, "--headless", "--data-parallel-start-rank", str(rank * local), *dp)
+        else:
+            used = gpus
+            if role == "head":
+                pre = ("ray", "start", "--head", "--node-ip-address", head, "--port",
+                       str(port), "--num-gpus", str(gpus), "--block")
+                argv = (*base, "--distributed-executor-backend", "ray")
+            else:
+                argv = ("ray", "start", "--address", f"{head}:{port}", "--node-ip-address",
+                        h.reach, "--num-gpus", str(gpus), "--block")
+        gpu_ids = tuple(range(used))
+        env = (process_env(config, gpu_ids) if runtime == "process" else ()) + literals
+        digest = spec_hash(
+            image=dep.image if runtime == "docker" else config.execution.vllm_pip_spec,
+            argv=argv, pre=pre, env=env_names,
+            mounts=[(m.source, m.target, m.read_only) for m in mounts], gpus=gpu_ids,
+            runtime=runtime, group=[name, mode, *group.hosts, *group.addresses], role=role,
+            **({"process_env": env} if env else {}),
+            **({"api_key": api_key_id} if api_key_id else {}),
+        )
+        out[h.name] = (Instance(h.name, 0, container_name(0), dep.port, gpu_ids, argv,
+                                dep.image, model, mounts, env_names, digest, env, role, name,
+                                pre),)
+    return group, out
 
 
 def proxy_settings(config: Config) -> tuple[str, int, str] | None:
@@ -580,6 +768,7 @@ def plan_proxy(config: Config, host: str, instances: tuple[Instance, ...]) -> Pr
     execution.proxy is not type none."""
     from evalprov import lb
 
+    instances = tuple(i for i in instances if i.serves)
     if len(instances) < 2 or not isinstance(config.deployment, VllmDeployment):
         return None
     settings = proxy_settings(config)
@@ -623,4 +812,4 @@ def instances_list(instances: dict[str, tuple[Instance, ...]]) -> list[Instance]
     return [i for insts in instances.values() for i in insts]
 
 
-__all__ = ["HostFacts", "Instance", "NoneDeployment", "Plan", "TaskRun", "plan"]
+__all__ = ["HostFacts", "Instance", "NodeGroup", "NoneDeployment", "Plan", "TaskRun", "plan"]

@@ -30,17 +30,27 @@ def plan_text(plan: Plan) -> str:
             f"model: {plan.served_model_name}   GPUs per instance: {plan.gpus_per_instance}   "
             f"health: {plan.health_path} (timeout {plan.health_timeout}s)"
         )
-    total_i = len(plan.instances)
+    total_i = len([i for i in plan.instances if i.serves])
     lines.append(f"{len(plan.hosts)} host(s), {total_i} instance(s), "
                  f"{len(plan.task_runs)} task run(s)")
+    for g in plan.groups:
+        where = ", ".join(f"{h} ({a})" if a != h else h
+                          for h, a in zip(g.hosts, g.addresses, strict=True))
+        port = (f"rpc port {g.port}" if g.mode == "data-parallel" else f"Ray port {g.port}")
+        lines.append(f"node group {g.name}: {g.mode} over {where}; {g.gpus_per_host} GPUs "
+                     f"each; head {g.head}; {port} on {g.addresses[0]}")
+    if plan.groups:
+        lines.append("note: inter-node traffic (vLLM's rpc, Ray) is unauthenticated: keep "
+                     "these addresses on an isolated network")
     for hp in plan.hosts:
         gpus = ("CPU" if plan.device == "cpu" else "GPUs unknown until preflight"
                 if hp.gpus_total is None else f"{hp.gpus_total} GPUs")
         lines.append("")
         lines.append(f"host {hp.host} ({gpus})")
         for inst in hp.instances:
-            lines.append(f"  instance {inst.name}  port {inst.port}  GPUs {_gpus(inst.gpus)}  "
-                         f"spec {inst.spec_hash}")
+            lines.append(_instance_line(plan, inst))
+            if inst.pre_argv:
+                lines.append(f"    first: {shlex.join(inst.pre_argv)}")
             if plan.runtime == "docker":
                 lines.append(f"    image: {inst.image}")
             else:
@@ -80,6 +90,21 @@ def plan_text(plan: Plan) -> str:
     for note in plan.notes:
         lines.append(f"note: {note}")
     return "\n".join(lines)
+
+
+def _instance_line(plan: Plan, inst) -> str:
+    gpus = f"GPUs {_gpus(inst.gpus)}  spec {inst.spec_hash}"
+    if inst.role == "single":
+        return f"  instance {inst.name}  port {inst.port}  {gpus}"
+    if inst.role == "head":
+        return f"  instance {inst.name} (head of {inst.group})  port {inst.port}  {gpus}"
+    (g,) = [g for g in plan.groups if g.name == inst.group]
+    if g.mode == "data-parallel":
+        first = g.hosts.index(inst.host) * g.local
+        ranks = f", ranks {first}-{first + g.local - 1}"
+    else:
+        ranks = ", a Ray worker"
+    return f"  instance {inst.name} (worker of {inst.group}{ranks})  {gpus}"
 
 
 def plan_data(plan: Plan) -> dict[str, Any]:

@@ -37,6 +37,7 @@ from .image import STANDIN_IMAGE, ensure_standin_image
 DEFAULT_GPUS = (8, 4, 2)
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(session, config, items) -> None:
     """The fleet and e2e tests share one machine-wide test fleet: under pytest-xdist they
     form one group (one worker runs them in turn, the other worker runs the rest), and the
@@ -47,7 +48,8 @@ def pytest_collection_modifyitems(session, config, items) -> None:
 
     items[:] = [i for i in items if not on_cluster(i)] + [i for i in items if on_cluster(i)]
     for item in items:
-        if item.get_closest_marker("fleet") or item.get_closest_marker("e2e"):
+        if item.get_closest_marker("fleet") or item.get_closest_marker("e2e") or \
+                "fleet_factory" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.xdist_group("fleet"))
 
 

@@ -29,7 +29,10 @@ token = st.text(
     max_size=12,
 ).filter(lambda t: extra_arg_refusal(t) is None)
 
-hosts_st = st.lists(st.one_of(st.none(), st.integers(0, 40)), min_size=1, max_size=4)
+# distinct GPU counts: two too-small hosts of one count would form a node group instead of
+# being refused (tests/unit/test_multinode_plan.py)
+hosts_st = st.lists(st.one_of(st.none(), st.integers(0, 40)), min_size=1, max_size=4,
+                    unique=True)
 
 
 def _count(wanted: int | str, gpus: int | None, need: int) -> int:
