@@ -60,8 +60,9 @@ def _is_host_list(path: str) -> bool:
 def read_inventory(
     path: str, limit: str | None = None
 ) -> tuple[dict[str, dict[str, Any]], set[str]]:
-    """(host name -> its evalprov_* variables for the hosts --limit selects, host and group
-    vars merged by ansible-core; the names of all hosts of the inventory)."""
+    """(host name -> its evalprov_* variables and ansible_host for the hosts --limit
+    selects, host and group vars merged by ansible-core; the names of all hosts of the
+    inventory)."""
     p = Path(path)
     if not p.exists() and not _is_host_list(path):
         raise InventoryError(f"inventory: {path!r} not found; give -i PATH of an Ansible inventory")
@@ -108,7 +109,9 @@ def read_inventory(
     for host in hosts:
         hv = variables.get_vars(host=host, include_hostvars=False)
         # str(): ansible-core hands out tagged str subclasses that yaml.safe_dump refuses.
-        out[str(host.name)] = {str(k): v for k, v in hv.items() if k.startswith("evalprov_")}
+        # ansible_host: where the other hosts reach it (a node group's inter-node address)
+        out[str(host.name)] = {str(k): v for k, v in hv.items()
+                               if k.startswith("evalprov_") or k == "ansible_host"}
     return out, everyone
 
 

@@ -95,12 +95,15 @@ def test_group_vars_directory_next_to_the_inventory_is_read(tmp_path):
     assert facts_of("baremetal", inv) == {"n1": 6, "n2": 2}
 
 
-def test_only_evalprov_variables_are_kept(tmp_path):
-    from evalprov.hosts import read_inventory
+def test_only_evalprov_variables_and_the_address_are_kept(tmp_path):
+    from evalprov.hosts import host_facts, read_inventory
 
     inv = write(tmp_path, "hosts.yml", YAML)
     selected, everyone = read_inventory(inv)
-    assert selected["gpu-a"] == {"evalprov_gpu_count": 8}
+    assert selected["gpu-a"] == {"evalprov_gpu_count": 8, "ansible_host": "192.0.2.11"}
+    # the address other hosts reach it at (a node group's), else its name
+    by_name = {h.name: h for h in host_facts("baremetal", inv)}
+    assert by_name["gpu-a"].reach == "192.0.2.11" and by_name["gpu-b"].reach == "gpu-b"
     assert everyone == {"gpu-a", "gpu-b", "gpu-c", "cpu-a"}
 
 

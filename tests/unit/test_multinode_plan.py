@@ -134,3 +134,15 @@ def test_plan_shows_the_groups_roles_addresses_and_argv(make):
     assert "instance evalprov-vllm-0 (head of group-0)" in text
     assert "instance evalprov-vllm-0 (worker of group-0, ranks 2-3)" in text
     assert "--headless" in text
+
+
+def test_apply_refuses_a_node_group_before_anything_starts(make):
+    from evalprov.check import HostFacts as Probed
+    from evalprov.check import check
+
+    p = make([("h1", 4, "10.1.0.1"), ("h2", 4, "10.1.0.2")], tp=2, dp=4)
+    probed = Probed(gpu_count=4, docker_present=True, docker_running=True,
+                    nvidia_runtime=True, haproxy="/usr/sbin/haproxy")
+    (line,) = check(p, {"h1": probed, "h2": probed}).problems
+    assert line.startswith("host h1: the deployment spans node group group-0 (h1, h2; "
+                           "data-parallel)") and "lower the parallel sizes" in line
