@@ -158,13 +158,16 @@ def test_second_apply_changes_nothing_and_check_changes_nothing(fleet3, tmp_path
     assert {h: r.changed for h, r in again.hosts.items()} == {"h1": 0, "h2": 0, "h3": 0}
     assert snapshot(fleet) == before
 
-    # --check with a changed extra_args: reports every instance, changes nothing
+    # --check with a changed extra_args: reports every instance (and the proxy in front of
+    # a host's several instances, whose spec follows theirs), changes nothing
     _, checked, _, code, text = run_apply(config, inv, "deployment.extra_args=--max-model-len 2048",
                                           check=True, diff=True)
     assert code == 0, text
     assert snapshot(fleet) == before
     would = {h: r.would_change for h, r in checked.hosts.items()}
-    assert len(would["h1"]) == 4 and len(would["h2"]) == 2 and len(would["h3"]) == 1
+    proxies = {h: [w for w in would[h] if "Start the proxy" in w] for h in would}
+    assert {h: len(p) for h, p in proxies.items()} == {"h1": 1, "h2": 1, "h3": 0}
+    assert {h: len(would[h]) - len(proxies[h]) for h in would} == {"h1": 4, "h2": 2, "h3": 1}
     assert "evalprov-vllm-3 port 8003 GPUs 6,7" in " ".join(would["h1"])
     assert "would change on h3" in text
 
