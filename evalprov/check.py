@@ -166,7 +166,7 @@ def problems_of(plan: Plan, host: str, f: HostFacts, fit: bool = True) -> list[s
         out.append(f"host {host}: docker has no NVIDIA runtime (nvidia-container-runtime-hook "
                    "not on PATH); install nvidia-container-toolkit and restart dockerd")
     ours = {u.port for u in f.units.values() if u.running and u.port is not None}
-    ports = [i.port for i in hp.instances]
+    ports = [i.port for i in hp.instances if i.serves]  # a group's worker has no API port
     if hp.proxy:
         ports += [hp.proxy.port, hp.proxy.stats_port]
         if f.proxy and f.proxy.running and f.proxy.port is not None:
@@ -225,9 +225,10 @@ def actions_of(plan: Plan, host: str, f: HostFacts) -> HostActions:
             why = "image pulled again (its digest decides)"
         if why:
             start.append(inst)
-            wait.append(inst)
+            if inst.serves:  # a group's worker has no API to wait for; its head has
+                wait.append(inst)
             reasons.append(f"recreate {inst.name}: {why}")
-        elif not u.serving:
+        elif not u.serving and inst.serves:
             wait.append(inst)
             reasons.append(f"wait for {inst.name}: running but not serving yet")
     planned = {i.name for i in hp.instances}

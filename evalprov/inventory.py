@@ -33,7 +33,51 @@ def instance_vars(inst: Instance) -> dict[str, Any]:
         "env_names": list(inst.env_names),
         "spec_hash": inst.spec_hash,
         "label": f"{inst.name} port {inst.port} GPUs {','.join(map(str, inst.gpus)) or 'none'}",
+        **(group_member_vars(inst) if inst.role != "single" else {}),
     }
+
+
+def group_member_vars(inst: Instance) -> dict[str, Any]:
+    """A node group member's part, beside its instance vars (a single instance has none of
+    these keys): role head|worker, the group, its first rank, the group's hosts, the head's
+    address and rpc/Ray port, and the `ray start` argv to run before argv (ray mode)."""
+    return {
+        "role": inst.role,
+        "group": inst.group,
+        "rank": inst.rank,
+        "nodes": list(inst.nodes),
+        "head_address": inst.head_address,
+        "rpc_port": inst.rpc_port,
+        "ray_argv": list(inst.ray_argv),
+        "serves": inst.serves,
+    }
+
+
+def node_group_vars(plan: Plan, host: str) -> dict[str, Any]:
+    """The node group a host is in (empty: none): what every member's roles need to meet
+    the others (mode, the members and their addresses in rank order, the head, the port)
+    and this host's part (role, rank, argv, ray_argv)."""
+    for g in plan.groups:
+        if host not in g.hosts:
+            continue
+        (inst,) = plan.host(host).instances
+        return {
+            "name": g.name,
+            "mode": g.mode,
+            "role": inst.role,
+            "rank": inst.rank,
+            "hosts": list(g.hosts),
+            "addresses": list(g.addresses),
+            "head": g.head,
+            "head_address": g.head_address,
+            "port": g.port,
+            "gpus_per_host": g.gpus_per_host,
+            "local_ranks": g.local,
+            "api_port": inst.port,
+            "argv": list(inst.argv),
+            "ray_argv": list(inst.ray_argv),
+        }
+    return {}
 
 
 def proxy_vars(proxy: Proxy, state_dir: str) -> dict[str, Any]:
@@ -136,6 +180,8 @@ def render(plan: Plan) -> dict[str, Any]:
             "evalprov_plan_tasks": [task_vars(t) for t in hp.tasks],
             **({"evalprov_plan_proxy": proxy_vars(hp.proxy, f"{plan.work_dir}/vllm")}
                if hp.proxy else {}),
+            **({"evalprov_plan_node_group": node_group_vars(plan, hp.host)}
+               if any(hp.host in g.hosts for g in plan.groups) else {}),
         }
     return {"all": {"vars": common_vars(plan), "hosts": hosts}}
 

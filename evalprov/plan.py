@@ -22,6 +22,8 @@ from evalprov.config.models import (
     SlurmExecution,
     Task,
     VllmDeployment,
+    _matches,
+    vllm_option,
 )
 from evalprov.config.tasks import TaskInfo, task_table
 from evalprov.errors import PlanError
@@ -37,6 +39,12 @@ LOOPBACK = "127.0.0.1"
 HF_CACHE_MOUNT = "/root/.cache/huggingface"
 DP_RPC_PORT = 29550  # vLLM's --data-parallel-rpc-port default
 RAY_PORT = 6379  # `ray start --head`'s default
+# what evalprov sets on a node group's members, or would contradict how it spreads them
+GROUP_OPTIONS = ("--data-parallel-size-local", "--data-parallel-address",
+                 "--data-parallel-rpc-port", "--data-parallel-start-rank", "--headless",
+                 "--distributed-executor-backend", "--data-parallel-backend",
+                 "--data-parallel-hybrid-lb", "--data-parallel-external-lb", "--nnodes",
+                 "--node-rank", "--master-addr", "--master-port")
 PROXY_NAME = "evalprov-lb"
 PROXY_PORT = 5009  # NEL's haproxy_port
 
@@ -84,9 +92,13 @@ class Instance:
     spec_hash: str
     env: tuple[tuple[str, str], ...] = ()  # non-secret env (runtime's own, plain literals)
     # a deployment over a node group of hosts (NodeGroup): this host's part of it
-    role: str = "single"  # single | head (serves the API) | worker (headless or Ray)
-    group: str = ""  # the node group's name
-    pre_argv: tuple[str, ...] = ()  # what runs first on the host (the Ray head / worker)
+    role: str = "single"  # single | head (serves the API) | worker (no API: port 0)
+    group: str = ""  # the node group's name ("" for a single instance)
+    rank: int = 0  # data parallel: the host's first DP rank; ray: its place in the group
+    nodes: tuple[str, ...] = ()  # the group's hosts, head first
+    head_address: str | None = None  # where the members reach the head
+    rpc_port: int = 0  # on the head: vLLM's --data-parallel-rpc-port, or Ray's port
+    ray_argv: tuple[str, ...] = ()  # ray: `ray start` on this host, before argv (if any)
 
     @property
     def base_url(self) -> str:
@@ -116,6 +128,16 @@ class NodeGroup:
     @property
     def head(self) -> str:
         return self.hosts[0]
+
+    @property
+    def head_address(self) -> str:
+        return self.addresses[0]
+
+    @property
+    def label(self) -> str:
+        return ("data-parallel (vLLM multi-node data parallel, headless workers)"
+                if self.mode == "data-parallel" else
+                "ray (tensor parallel inside a host, pipeline parallel across hosts)")
 
 
 @dataclass(frozen=True)
@@ -252,11 +274,12 @@ def model_source(dep: VllmDeployment, runtime: str = "docker") -> ModelSource:
     return ModelSource("hf", path, path)
 
 
-def vllm_argv(dep: VllmDeployment, model: ModelSource, port: int,
+def vllm_argv(dep: VllmDeployment, model: ModelSource, port: int | None,
               bind: str | None = LOOPBACK) -> tuple[str, ...]:
     """NEL's base_command as a list: extra_args split with shell rules, never re-joined.
     `bind`: the address the API listens on (on a bare-metal or local host, loopback: every
-    health check and task runs on the host itself); None keeps NEL's command as it is."""
+    health check and task runs on the host itself); None keeps NEL's command as it is.
+    `port` None: no API at all (a headless data-parallel worker): neither --port nor --host."""
     return (
         "vllm",
         "serve",
@@ -264,9 +287,8 @@ def vllm_argv(dep: VllmDeployment, model: ModelSource, port: int,
         f"--tensor-parallel-size={dep.tensor_parallel_size}",
         f"--pipeline-parallel-size={dep.pipeline_parallel_size}",
         f"--data-parallel-size={dep.data_parallel_size}",
-        "--port",
-        str(port),
-        *(("--host", bind) if bind else ()),
+        *(("--port", str(port)) if port is not None else ()),
+        *(("--host", bind) if bind and port is not None else ()),
         "--trust-remote-code",
         "--served-model-name",
         dep.served_model_name,
@@ -596,90 +618,149 @@ def _parallel(dep: VllmDeployment) -> str:
             f"{dep.pipeline_parallel_size} x data_parallel_size {dep.data_parallel_size}")
 
 
-def group_shape(dep: VllmDeployment, gpus: int) -> tuple[str, int, int]:
-    """How one instance spreads over hosts of `gpus` GPUs: (mode, hosts, data-parallel
-    ranks per host). PlanError when it cannot: TP must stay inside a host."""
+def group_shape(dep: VllmDeployment, gpus: int, names: str = "") -> tuple[str, int, int]:
+    """How one instance spreads over hosts of `gpus` GPUs (`names`: those hosts, for the
+    message): (mode, hosts per group, data-parallel ranks per host). PlanError when it
+    cannot: a rank (tp x pp) that fits a host is data parallel across hosts, whole ranks per
+    host; a larger one runs on Ray with TP inside a host and PP across hosts, dp 1."""
     tp, pp, dp = dep.tensor_parallel_size, dep.pipeline_parallel_size, dep.data_parallel_size
     per_rank = tp * pp
-    if per_rank <= gpus:
+    where = f"hosts of {gpus} GPUs" + (f" ({names})" if names else "")
+    if 0 < per_rank <= gpus:
         local = min(dp, gpus // per_rank)
         if dp % local:
             raise PlanError(
-                f"deployment.data_parallel_size: {dp} does not split over hosts of {gpus} GPUs "
-                f"({local} data-parallel rank(s) of tensor_parallel_size {tp} x "
-                f"pipeline_parallel_size {pp} per host); use a multiple of {local}")
+                f"deployment.data_parallel_size: {dp} does not split over {where}: each "
+                f"holds {local} data-parallel rank(s) of tensor_parallel_size {tp} x "
+                f"pipeline_parallel_size {pp}, and {dp} / {local} is not a whole number of "
+                f"hosts; use a data_parallel_size that is a multiple of {local}")
         return "data-parallel", dp // local, local
     if dp > 1:
         raise PlanError(
             f"deployment.data_parallel_size: {dp} with tensor_parallel_size {tp} x "
-            f"pipeline_parallel_size {pp} = {per_rank} GPUs per rank, more than a host's "
-            f"{gpus}: evalprov spreads one rank over hosts (Ray) or several ranks (data "
-            "parallel), not both; set data_parallel_size 1 or fit a rank in one host")
+            f"pipeline_parallel_size {pp} = {per_rank} GPUs per rank, more than one of the "
+            f"{where} has: evalprov spreads one rank over hosts (Ray) or whole ranks over "
+            "hosts (data parallel), not both; set data_parallel_size 1 or fit a rank in one "
+            "host")
     if tp > gpus or gpus % tp or per_rank % gpus:
+        stages = f"{per_rank // gpus}" if gpus and per_rank % gpus == 0 else "N"
         raise PlanError(
             f"deployment.tensor_parallel_size: {tp} with pipeline_parallel_size {pp} over "
-            f"hosts of {gpus} GPUs: across hosts tensor parallelism stays inside a host and "
-            f"pipeline parallelism spans hosts (vLLM's convention); use tensor_parallel_size "
-            f"{gpus} and pipeline_parallel_size {per_rank // gpus if per_rank % gpus == 0 else 'N'}"
-        )
+            f"{where}: across hosts tensor parallelism stays inside a host and pipeline "
+            f"parallelism spans hosts (vLLM's convention), so tensor_parallel_size must "
+            f"divide {gpus} and tp x pp be a multiple of {gpus}; use tensor_parallel_size "
+            f"{gpus} and pipeline_parallel_size {stages}")
     return "ray", per_rank // gpus, 0
+
+
+def _hosts_text(hosts: list[HostFacts]) -> str:
+    return ", ".join(f"{h.name} ({h.gpus} GPUs)" for h in hosts)
 
 
 def node_groups(config: Config, hosts: list[HostFacts], need: int, api_key_id: str = ""
                 ) -> tuple[dict[str, tuple[Instance, ...]], tuple[NodeGroup, ...], list[str]]:
-    """When one instance needs more GPUs than hosts have, and every host's GPU count is
+    """When one instance needs more GPUs than a host has, and every host's GPU count is
     known, the hosts too small for it form node groups of equal GPU counts (inventory order),
-    each serving one instance. Hosts that fit an instance are planned as before; a too small
-    host with no other of its GPU count is left to the per-host check (which names it)."""
+    each group serving one instance. Hosts that fit an instance are planned as before.
+
+    Once a group forms, every too small host in no group is left out (no instance, no task,
+    a note says why). When none forms: with two or more hosts and none that fits an
+    instance, PlanError naming the hosts and their GPU counts; otherwise the per-host check
+    names each too small host, as for a plan without groups."""
     dep = config.deployment
     assert isinstance(dep, VllmDeployment)
     if (config.execution.device != "gpu" or not need or isinstance(
             config.execution, SlurmExecution) or any(h.gpus is None for h in hosts)):
         return {}, (), []
-    small = [h for h in hosts if h.gpus is not None and 0 < h.gpus < need]
+    small = [h for h in hosts if (h.gpus or 0) < need]
+    if not small:
+        return {}, (), []
     by_count: dict[int, list[HostFacts]] = {}
     for h in small:
         by_count.setdefault(h.gpus or 0, []).append(h)
     out: dict[str, tuple[Instance, ...]] = {}
     groups: list[NodeGroup] = []
-    notes: list[str] = []
-    errors: list[str] = []
+    why: dict[int, str] = {}  # GPU count -> why its hosts (or some of them) are in no group
+    short: dict[int, str] = {}  # the same for a note, where a group did form
+    zero = by_count.pop(0, [])  # hosts without GPUs are in no group (named one by one)
     for gpus, members in by_count.items():
-        if len(members) < 2:  # no group: the per-host check names the host
-            continue
         try:
-            mode, size, local = group_shape(dep, gpus)
+            mode, size, local = group_shape(dep, gpus, ", ".join(h.name for h in members))
         except PlanError as exc:
-            errors.extend(exc.lines)
+            why[gpus] = f"no node group of {gpus}-GPU hosts can serve it: {exc.lines[0]}"
+            short[gpus] = f"{_parallel(dep)} does not spread over hosts of {gpus} GPUs"
             continue
         if len(members) < size:
-            have = ", ".join(f"{h.name} ({h.gpus} GPUs)" for h in small)
-            errors.append(
-                f"deployment: one instance ({_parallel(dep)}) needs {size} hosts of {gpus} "
-                f"GPUs; the inventory has {len(members)} of them ({have}); add hosts with "
-                f"{gpus} GPUs, or lower the parallel sizes to fit one host")
+            why[gpus] = (
+                f"a node group needs {size} hosts of {gpus} GPUs and the inventory has "
+                f"{len(members)} ({_hosts_text(small)}); add hosts with {gpus} GPUs, or lower "
+                f"the parallel sizes to fit {gpus} GPUs")
             continue
         usable = len(members) - len(members) % size
         for k in range(0, usable, size):
-            chunk = members[k:k + size]
-            group = plan_group(config, f"group-{len(groups)}", mode, chunk, gpus, local,
-                               api_key_id)
-            groups.append(group[0])
-            out.update(group[1])
-        left = members[usable:]
-        if left:
-            for h in left:
-                out[h.name] = ()
-            notes.append(f"{len(left)} host(s) with {gpus} GPUs left out of the node groups "
-                         f"({', '.join(h.name for h in left)}): a group needs {size}")
-    if errors:
-        raise PlanError(*errors, hosts=tuple(h.name for h in small if h.name not in out))
+            group, parts = plan_group(config, f"group-{len(groups)}", mode,
+                                      members[k:k + size], gpus, local, api_key_id)
+            groups.append(group)
+            out.update(parts)
+        if usable < len(members):
+            why[gpus] = f"a node group needs {size} hosts of {gpus} GPUs"
+    if not groups:
+        if len(hosts) > 1 and not any((h.gpus or 0) >= need for h in hosts):
+            lines = []
+            for h in small:
+                if h.gpus in why:
+                    lines.append(f"host {h.name}: has {h.gpus} GPUs but one instance needs "
+                                 f"{need} ({_parallel(dep)}); {why[h.gpus or 0]}")
+                    continue
+                try:  # no GPU at all: the per-host line
+                    check_host_fits(h, need, 1, dep)
+                except PlanError as exc:
+                    lines.extend(exc.lines)
+            raise PlanError(*lines, hosts=tuple(h.name for h in small))
+        return {}, (), []
+    wanted = config.execution.instances_per_host
+    if wanted != "auto" and wanted != 1:
+        raise PlanError(
+            f"execution.instances_per_host: {wanted} with a deployment over node groups "
+            f"({', '.join(g.name for g in groups)}): a group's hosts serve one instance "
+            "together; use 1 or auto", hosts=tuple(h for g in groups for h in g.hosts))
+    notes = [f"{g.name}: {a} is a name, not an IP address; vLLM's rpc and Ray bind and "
+             "dial it: set its ansible_host to the address the hosts reach each other at"
+             for g in groups for a in g.addresses if not _is_ip(a)]
+    if zero:
+        why[0] = "they have no GPU"
+        by_count[0] = zero
+    for gpus, members in by_count.items():
+        left = [h for h in members if h.name not in out]
+        if not left:
+            continue
+        for h in left:
+            out[h.name] = ()
+        notes.append(f"{len(left)} host(s) with {gpus} GPUs left out of the node groups, no "
+                     f"instance and no task ({', '.join(h.name for h in left)}): "
+                     f"{short.get(gpus) or why.get(gpus, 'in no group')}")
     return out, tuple(groups), notes
+
+
+def _is_ip(address: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return True
 
 
 def plan_group(config: Config, name: str, mode: str, members: list[HostFacts], gpus: int,
                local: int, api_key_id: str) -> tuple[NodeGroup, dict[str, tuple[Instance, ...]]]:
-    """The instance of one node group: each member's part (argv, GPUs, role)."""
+    """The instance of one node group: each member's part (role, rank, GPUs, argv).
+
+    data-parallel: the head runs `vllm serve` with the API and its `local` DP ranks; each
+    worker runs `vllm serve --headless` with its own ranks; all dial the head's rpc port.
+    ray: every member runs `ray start` (the head with --head) on its GPUs, and the head then
+    runs `vllm serve --distributed-executor-backend ray`, which places TP x PP on the
+    cluster; a worker runs nothing else. VLLM_HOST_IP is each member's own address."""
     dep = config.deployment
     assert isinstance(dep, VllmDeployment)
     runtime = config.execution.runtime
@@ -689,45 +770,65 @@ def plan_group(config: Config, name: str, mode: str, members: list[HostFacts], g
                            dict.fromkeys([apikey.VLLM_ENV] if dep.exposed else []))
     literals = tuple(sorted(plain_literals({**config.env_vars, **dep.env_vars}).items()))
     port = DP_RPC_PORT if mode == "data-parallel" else RAY_PORT
+    what = "data-parallel rpc port" if mode == "data-parallel" else "Ray port"
+    for token in shlex.split(dep.extra_args):
+        opt = vllm_option(token)
+        hit = _matches(opt, GROUP_OPTIONS) if opt else []
+        if hit:
+            raise PlanError(f"deployment.extra_args: {token!r} ({hit[0]}) is set by evalprov "
+                            f"on the members of node group {name} ({mode}); remove it from "
+                            "extra_args")
+    # the head's other port is its API's (one instance per member: no proxy there)
     if port == dep.port:
-        raise PlanError(f"deployment.port: {port} is the node group's "
-                        f"{'rpc' if mode == 'data-parallel' else 'Ray'} port; pick another")
+        raise PlanError(f"deployment.port: {port} is node group {name}'s {what} on its head "
+                        f"{members[0].name}; pick another deployment.port")
     group = NodeGroup(name, mode, tuple(h.name for h in members),
                       tuple(h.reach for h in members), gpus, port, local)
-    head = group.addresses[0]
-    base = vllm_argv(dep, model, dep.port, dep.host)
+    head = group.head_address
+    tp, pp = dep.tensor_parallel_size, dep.pipeline_parallel_size
     out: dict[str, tuple[Instance, ...]] = {}
-    for rank, h in enumerate(members):
-        role = "head" if rank == 0 else "worker"
-        pre: tuple[str, ...] = ()
+    for index, h in enumerate(members):
+        role = "head" if index == 0 else "worker"
+        ray: tuple[str, ...] = ()
+        own: tuple[tuple[str, str], ...] = ()
         if mode == "data-parallel":
-            used = local * dep.tensor_parallel_size * dep.pipeline_parallel_size
+            rank = index * local
+            used = local * tp * pp
             dp = ("--data-parallel-size-local", str(local), "--data-parallel-address", head,
                   "--data-parallel-rpc-port", str(port))
-            argv = (*base, *dp) if role == "head" else (
-                *base, "--headless", "--data-parallel-start-rank", str(rank * local), *dp)
+            argv = ((*vllm_argv(dep, model, dep.port, dep.host), *dp) if role == "head" else
+                    (*vllm_argv(dep, model, None), "--headless", *dp[:2],
+                     "--data-parallel-start-rank", str(rank), *dp[2:]))
         else:
-            used = gpus
+            rank, used = index, gpus
+            own = (("VLLM_HOST_IP", h.reach),)
             if role == "head":
-                pre = ("ray", "start", "--head", "--node-ip-address", head, "--port",
+                ray = ("ray", "start", "--head", "--node-ip-address", head, "--port",
                        str(port), "--num-gpus", str(gpus), "--block")
-                argv = (*base, "--distributed-executor-backend", "ray")
+                argv = (*vllm_argv(dep, model, dep.port, dep.host),
+                        "--distributed-executor-backend", "ray")
             else:
-                argv = ("ray", "start", "--address", f"{head}:{port}", "--node-ip-address",
-                        h.reach, "--num-gpus", str(gpus), "--block")
+                ray = ("ray", "start", "--address", f"{head}:{port}", "--node-ip-address",
+                       h.reach, "--num-gpus", str(gpus), "--block")
+                argv = ()
         gpu_ids = tuple(range(used))
-        env = (process_env(config, gpu_ids) if runtime == "process" else ()) + literals
+        env = (process_env(config, gpu_ids) if runtime == "process" else ()) + tuple(
+            sorted(literals + own))
+        # the group's whole shape (its name, mode, every member and address) is in each
+        # member's spec: a moved head or a changed group recreates every member
         digest = spec_hash(
             image=dep.image if runtime == "docker" else config.execution.vllm_pip_spec,
-            argv=argv, pre=pre, env=env_names,
+            argv=argv, ray_argv=ray, env=env_names,
             mounts=[(m.source, m.target, m.read_only) for m in mounts], gpus=gpu_ids,
-            runtime=runtime, group=[name, mode, *group.hosts, *group.addresses], role=role,
+            runtime=runtime, group=[name, mode, *group.hosts, *group.addresses, port],
+            role=role, rank=rank,
             **({"process_env": env} if env else {}),
             **({"api_key": api_key_id} if api_key_id else {}),
         )
-        out[h.name] = (Instance(h.name, 0, container_name(0), dep.port, gpu_ids, argv,
-                                dep.image, model, mounts, env_names, digest, env, role, name,
-                                pre),)
+        out[h.name] = (Instance(
+            h.name, 0, container_name(0), dep.port if role == "head" else 0, gpu_ids, argv,
+            dep.image, model, mounts, env_names, digest, env, role=role, group=name,
+            rank=rank, nodes=group.hosts, head_address=head, rpc_port=port, ray_argv=ray),)
     return group, out
 
 

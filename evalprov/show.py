@@ -8,7 +8,7 @@ from dataclasses import asdict
 from typing import Any
 
 from evalprov.config.tasks import TaskTable
-from evalprov.plan import Plan
+from evalprov.plan import Instance, NodeGroup, Plan
 from evalprov.records import TaskRecord
 from evalprov.runner import RunResult
 
@@ -34,11 +34,7 @@ def plan_text(plan: Plan) -> str:
     lines.append(f"{len(plan.hosts)} host(s), {total_i} instance(s), "
                  f"{len(plan.task_runs)} task run(s)")
     for g in plan.groups:
-        where = ", ".join(f"{h} ({a})" if a != h else h
-                          for h, a in zip(g.hosts, g.addresses, strict=True))
-        port = (f"rpc port {g.port}" if g.mode == "data-parallel" else f"Ray port {g.port}")
-        lines.append(f"node group {g.name}: {g.mode} over {where}; {g.gpus_per_host} GPUs "
-                     f"each; head {g.head}; {port} on {g.addresses[0]}")
+        lines.extend(_group_lines(plan, g))
     if plan.groups:
         lines.append("note: inter-node traffic (vLLM's rpc, Ray) is unauthenticated: keep "
                      "these addresses on an isolated network")
@@ -49,8 +45,8 @@ def plan_text(plan: Plan) -> str:
         lines.append(f"host {hp.host} ({gpus})")
         for inst in hp.instances:
             lines.append(_instance_line(plan, inst))
-            if inst.pre_argv:
-                lines.append(f"    first: {shlex.join(inst.pre_argv)}")
+            if inst.ray_argv:
+                lines.append(f"    ray: {shlex.join(inst.ray_argv)}")
             if plan.runtime == "docker":
                 lines.append(f"    image: {inst.image}")
             else:
@@ -65,7 +61,10 @@ def plan_text(plan: Plan) -> str:
                 src = f"HF id {inst.model.ref}" + (
                     f" (HF cache {cache.source} mounted at {cache.target})" if cache else "")
             lines.append(f"    model: {src}")
-            lines.append(f"    argv: {shlex.join(inst.argv)}")
+            lines.append(f"    argv: {shlex.join(inst.argv)}" if inst.argv else
+                         "    argv: none (the host only joins the Ray cluster)")
+            if inst.env and inst.role != "single":  # VLLM_HOST_IP among them (Ray)
+                lines.append(f"    env set: {', '.join(f'{k}={v}' for k, v in inst.env)}")
             if inst.env_names:
                 lines.append(f"    env: {', '.join(inst.env_names)}")
         if hp.proxy:
@@ -73,6 +72,8 @@ def plan_text(plan: Plan) -> str:
                          f"(stats 127.0.0.1:{hp.proxy.stats_port})  leastconn over "
                          f"{', '.join(f'{n}:{p}' for n, p in hp.proxy.servers)}  "
                          f"spec {hp.proxy.spec_hash}")
+        if plan.groups and not hp.instances:  # a group's members all have one
+            lines.append("  no instance: in no node group (see the notes)")
         if not hp.tasks:
             lines.append("  tasks: none")
         for t in hp.tasks:
@@ -92,19 +93,42 @@ def plan_text(plan: Plan) -> str:
     return "\n".join(lines)
 
 
-def _instance_line(plan: Plan, inst) -> str:
+def _ranks(g: NodeGroup, first: int) -> str:
+    return f"rank {first}" if g.local == 1 else f"ranks {first}-{first + g.local - 1}"
+
+
+def _group_lines(plan: Plan, g: NodeGroup) -> list[str]:
+    """A node group: its mode, head, port, and each member with its address and part."""
+    where = ", ".join(f"{h} ({a})" if a != h else h
+                      for h, a in zip(g.hosts, g.addresses, strict=True))
+    port = f"rpc port {g.port}" if g.mode == "data-parallel" else f"Ray port {g.port}"
+    lines = [f"node group {g.name}: {g.mode} over {where}; {g.gpus_per_host} GPUs each; "
+             f"head {g.head}; {port} on {g.head_address}"]
+    members = {i.host: i for i in plan.instances if i.group == g.name}
+    if g.mode == "data-parallel":
+        lines.append(f"  mode: {g.label}: {g.local * len(g.hosts)} data-parallel ranks, "
+                     f"{g.local} per host")
+    else:
+        lines.append(f"  mode: {g.label}: {len(g.hosts)} hosts on one Ray cluster")
+    for h, a in zip(g.hosts, g.addresses, strict=True):
+        inst = members[h]
+        part = ([f"API port {inst.port}"] if inst.role == "head" else
+                ["headless, no API"] if g.mode == "data-parallel" else ["no API"])
+        part.append(f"data-parallel {_ranks(g, inst.rank)}" if g.mode == "data-parallel"
+                    else "Ray head" if inst.role == "head" else "Ray worker")
+        lines.append(f"  {inst.role} {h} at {a}: {', '.join(part)}; GPUs {_gpus(inst.gpus)}")
+    return lines
+
+
+def _instance_line(plan: Plan, inst: Instance) -> str:
     gpus = f"GPUs {_gpus(inst.gpus)}  spec {inst.spec_hash}"
     if inst.role == "single":
         return f"  instance {inst.name}  port {inst.port}  {gpus}"
     if inst.role == "head":
         return f"  instance {inst.name} (head of {inst.group})  port {inst.port}  {gpus}"
     (g,) = [g for g in plan.groups if g.name == inst.group]
-    if g.mode == "data-parallel":
-        first = g.hosts.index(inst.host) * g.local
-        ranks = f", ranks {first}-{first + g.local - 1}"
-    else:
-        ranks = ", a Ray worker"
-    return f"  instance {inst.name} (worker of {inst.group}{ranks})  {gpus}"
+    ranks = f", {_ranks(g, inst.rank)}" if g.mode == "data-parallel" else ", a Ray worker"
+    return f"  instance {inst.name} (worker of {inst.group}{ranks})  no API port  {gpus}"
 
 
 def plan_data(plan: Plan) -> dict[str, Any]:

@@ -26,6 +26,7 @@ EXAMPLES = {
     "slurm_llama_3_1_8b_instruct": [],
     "slurm_llama_3_1_8b_instruct_hf": [],
     "baremetal_llama_3_1_8b_instruct": ["-i", "inventories/fleet.yml"],
+    "baremetal_multinode_llama_3_1_405b_instruct": ["-i", "inventories/multinode.yml"],
 }
 COMMANDS = {"plan": ("plan.txt", ["--format", "text"]), "inventory": ("inventory.yaml", [])}
 
