@@ -244,3 +244,22 @@ def rmdir_tree(root: Path, deadline: float) -> bool:
         if time.monotonic() > deadline:
             return False
         time.sleep(0.1)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_while_running(what: str, pred, procs=(), *, deadline: float,
+                       interval: float = 0.1) -> None:
+    """Until pred() holds; fail naming `what` when one of procs exits first or after
+    `deadline` seconds."""
+    end = time.monotonic() + deadline
+    while not pred():
+        for p in procs:
+            assert p.poll() is None, f"{what}: {p.args} exited with {p.returncode}"
+        assert time.monotonic() < end, f"{what}: not within {deadline:g} s"
+        time.sleep(interval)

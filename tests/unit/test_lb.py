@@ -6,10 +6,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -19,6 +17,7 @@ import pytest
 from evalprov import lb
 from evalprov.lb import LbError, Server, parse_stats_csv, render_haproxy_cfg
 from tests.testbed.image import SERVER_PY
+from tests.testbed.util import free_port, wait_while_running
 
 HAPROXY = "/usr/sbin/haproxy"
 DEADLINE = 30.0
@@ -187,19 +186,10 @@ def test_text_that_is_not_stats_csv_is_refused():
 # --------------------------------------------------------------------------- real haproxy
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait(what: str, pred, procs=()) -> None:
-    deadline = time.monotonic() + DEADLINE
-    while not pred():
-        for p in procs:
-            assert p.poll() is None, f"{what}: {p.args} exited with {p.returncode}"
-        assert time.monotonic() < deadline, f"{what}: not within {DEADLINE:g} s"
-        time.sleep(0.1)
+    wait_while_running(what, pred, procs, deadline=DEADLINE, interval=0.1)
 
 
 def _get(url: str) -> tuple[int, bytes]:
@@ -236,8 +226,8 @@ def _served(port: int) -> int:
 @pytest.mark.skipif(not os.path.exists(HAPROXY),
                     reason=f"{HAPROXY} missing: apt-get install haproxy (.ci/setup-testbed.sh)")
 def test_real_haproxy_spreads_requests_and_routes_around_a_dead_instance(tmp_path: Path):
-    ports = {"a": _free_port(), "b": _free_port()}
-    listen, stats = _free_port(), _free_port()
+    ports = {"a": free_port(), "b": free_port()}
+    listen, stats = free_port(), free_port()
     procs: dict[str, subprocess.Popen] = {}
     logs = {name: tmp_path / f"{name}.log" for name in ("a", "b", "haproxy")}
     try:

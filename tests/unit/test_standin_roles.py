@@ -7,10 +7,8 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -19,25 +17,17 @@ from pathlib import Path
 import pytest
 
 from tests.testbed.image import SERVER_PY
+from tests.testbed.util import free_port, wait_while_running
 
 HEARTBEAT = "0.5"  # the head drops a silent worker after 3 of these
 DEADLINE = 20.0  # seconds any one wait may take on a loaded 2-core machine
 EXIT_HEAD_LOST = 4
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def _wait(what: str, pred: Callable[[], bool], procs: list[subprocess.Popen] = ()) -> None:
-    deadline = time.monotonic() + DEADLINE
-    while not pred():
-        for p in procs:
-            assert p.poll() is None, f"{what}: {p.args[3:]} exited with {p.returncode}"
-        assert time.monotonic() < deadline, f"{what}: not within {DEADLINE:g} s"
-        time.sleep(0.05)
+def _wait(what: str, pred, procs=()) -> None:
+    wait_while_running(what, pred, procs, deadline=DEADLINE, interval=0.05)
 
 
 def _get(port: int, path: str) -> tuple[int, bytes]:
@@ -79,8 +69,8 @@ class Cluster:
         self.tmp = tmp
         self.procs: list[subprocess.Popen] = []
         self.logs: dict[int, Path] = {}
-        self.rpc = _free_port()
-        self.api = _free_port()
+        self.rpc = free_port()
+        self.api = free_port()
 
     def start(self, *args: str, env: dict | None = None) -> subprocess.Popen:
         log = self.tmp / f"standin-{len(self.procs)}.log"
@@ -101,7 +91,7 @@ class Cluster:
                           "--data-parallel-rpc-port", str(self.rpc))
 
     def worker(self, size: int, local: int, start: int, env: dict | None = None):
-        return self.start("--headless", "--port", str(_free_port()),
+        return self.start("--headless", "--port", str(free_port()),
                           "--data-parallel-size", str(size),
                           "--data-parallel-size-local", str(local),
                           "--data-parallel-start-rank", str(start),
@@ -222,7 +212,7 @@ def test_a_worker_gives_up_on_an_absent_head_after_its_join_timeout(cluster):
 
 def test_a_headless_worker_serves_no_http_and_stops_on_sigterm(cluster):
     head = cluster.head(size=2, local=1)
-    port = _free_port()
+    port = free_port()
     w = cluster.start("--headless", "--host", "127.0.0.1", "--port", str(port),
                       "-dp", "2", "-dpl", "1", "-dpr", "1", "--data-parallel-address",
                       "127.0.0.1", "--data-parallel-rpc-port", str(cluster.rpc))
