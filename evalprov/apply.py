@@ -61,7 +61,7 @@ def check_supported(loaded: LoadedConfig) -> None:
     exe = loaded.config.execution
     if isinstance(exe, SlurmExecution):
         try:
-            slurm.check_supported(exe)
+            slurm.check_supported(exe, loaded.config.deployment)
         except PlanError as exc:
             raise ConfigError(*exc.lines) from exc
 

@@ -104,6 +104,9 @@ class HostActions:
     proxy_start: Proxy | None = None  # (re)start the proxy with this spec
     proxy_remove: bool = False  # stop the proxy evalprov started (the plan has none)
     proxy_wait: Proxy | None = None  # wait until every server behind it is up
+    # node group members to stop before any member of any group starts again (a play of
+    # its own, so that no new member meets an old one)
+    group_stop: tuple[str, ...] = ()
 
     @property
     def converged(self) -> bool:
@@ -149,10 +152,12 @@ def problems_of(plan: Plan, host: str, f: HostFacts, fit: bool = True) -> list[s
     for inst in hp.instances:
         if inst.role == "head":
             (g,) = [g for g in plan.groups if g.name == inst.group]
-            out.append(f"host {host}: the deployment spans node group {g.name} "
-                       f"({', '.join(g.hosts)}; {g.mode}): evalprov plans it (evalprov plan "
-                       "shows it) but does not start a deployment over several hosts yet; "
-                       "lower the parallel sizes to fit one host")
+            if g.mode != "data-parallel":
+                out.append(f"host {host}: the deployment spans node group {g.name} "
+                           f"({', '.join(g.hosts)}; {g.mode}): evalprov plans it (evalprov "
+                           "plan shows it) but does not start Ray groups yet; lower the "
+                           "parallel sizes so that a rank (tensor x pipeline parallel) fits "
+                           "one host, which makes it data parallel across hosts")
     docker = plan.runtime == "docker" and bool(hp.instances)
     # the harness runs in a container too: a host with tasks and no instance needs docker
     why = "" if hp.instances else " (its evaluation tasks run in containers)"
@@ -192,43 +197,80 @@ def problems_of(plan: Plan, host: str, f: HostFacts, fit: bool = True) -> list[s
     return out
 
 
-def actions_of(plan: Plan, host: str, f: HostFacts) -> HostActions:
-    hp = plan.host(host)
-    reasons: list[str] = []
+def unit_change(plan: Plan, inst: Instance, f: HostFacts, pull: bool, moved: bool
+                ) -> str | None:
+    """Why this instance must be (re)created on its host, None when it can stay."""
+    u = f.units.get(inst.name)
     docker = plan.runtime == "docker"
-    pull = False
-    if docker and hp.instances and plan.image:
-        if not f.image_id:
-            pull = True
-            reasons.append(f"pull {plan.image} (not on the host)")
-        elif pull_policy(plan) == "always" and (
-                not f.remote_digest or f.remote_digest not in f.image_digests):
-            pull = True
-            reasons.append(f"pull {plan.image} (image_pull_policy always; registry digest "
-                           f"{f.remote_digest or 'unknown'})")
+    if u is None:
+        return "not there"
+    if u.spec_hash != inst.spec_hash:
+        return f"spec changed ({u.spec_hash or 'none'} -> {inst.spec_hash})"
+    if not u.running:
+        return "not running"
+    if docker and f.image_id and u.image_id and u.image_id != f.image_id:
+        return f"runs an older image ({u.image_id[:19]}, host has {f.image_id[:19]})"
+    if moved:
+        return f"image {plan.image} moved to {f.remote_digest[:19]}"
+    if pull and not f.remote_digest:
+        return "image pulled again (its digest decides)"
+    return None
+
+
+def image_pull(plan: Plan, host: str, f: HostFacts) -> tuple[bool, str]:
+    """Whether the host pulls the image, and why ("" no pull)."""
+    hp = plan.host(host)
+    if not (plan.runtime == "docker" and hp.instances and plan.image):
+        return False, ""
+    if not f.image_id:
+        return True, f"pull {plan.image} (not on the host)"
+    if pull_policy(plan) == "always" and (
+            not f.remote_digest or f.remote_digest not in f.image_digests):
+        return True, (f"pull {plan.image} (image_pull_policy always; registry digest "
+                      f"{f.remote_digest or 'unknown'})")
+    return False, ""
+
+
+def group_changes(plan: Plan, facts: dict[str, HostFacts]) -> dict[str, str]:
+    """Node group name -> why every member is (re)created: a group starts and stops as one
+    (the head waits for every rank; a worker cannot rejoin a head that lost it), so one
+    member to recreate recreates them all."""
+    out: dict[str, str] = {}
+    for g in plan.groups:
+        for h in g.hosts:
+            f = facts.get(h)
+            if f is None:
+                continue
+            pull, _ = image_pull(plan, h, f)
+            moved = pull and bool(f.remote_digest) and bool(f.image_id)
+            for inst in plan.host(h).instances:
+                why = unit_change(plan, inst, f, pull, moved) if inst.group == g.name else None
+                if why and g.name not in out:
+                    out[g.name] = f"{inst.name} on {h} {why}"
+    return out
+
+
+def actions_of(plan: Plan, host: str, f: HostFacts, groups: dict[str, str] | None = None
+               ) -> HostActions:
+    """``groups``: group_changes of the plan (the node groups to recreate, and why)."""
+    hp = plan.host(host)
+    groups = groups or {}
+    reasons: list[str] = []
+    pull, why_pull = image_pull(plan, host, f)
+    if pull:
+        reasons.append(why_pull)
     moved = pull and bool(f.remote_digest) and bool(f.image_id)
     start, wait = [], []
     for inst in hp.instances:
         u = f.units.get(inst.name)
-        why = None
-        if u is None:
-            why = "not there"
-        elif u.spec_hash != inst.spec_hash:
-            why = f"spec changed ({u.spec_hash or 'none'} -> {inst.spec_hash})"
-        elif not u.running:
-            why = "not running"
-        elif docker and f.image_id and u.image_id and u.image_id != f.image_id:
-            why = f"runs an older image ({u.image_id[:19]}, host has {f.image_id[:19]})"
-        elif moved:
-            why = f"image {plan.image} moved to {f.remote_digest[:19]}"
-        elif pull and not f.remote_digest:
-            why = "image pulled again (its digest decides)"
+        why = unit_change(plan, inst, f, pull, moved)
+        if inst.group and inst.group in groups:
+            why = why or f"its node group {inst.group} restarts ({groups[inst.group]})"
         if why:
             start.append(inst)
-            if inst.serves:  # a group's worker has no API to wait for; its head has
-                wait.append(inst)
+            wait.append(inst)  # a group's worker: until its head serves, or the group fails
             reasons.append(f"recreate {inst.name}: {why}")
-        elif not u.serving and inst.serves:
+        elif u is not None and not u.serving and inst.serves:
             wait.append(inst)
             reasons.append(f"wait for {inst.name}: running but not serving yet")
     planned = {i.name for i in hp.instances}
@@ -258,9 +300,10 @@ def actions_of(plan: Plan, host: str, f: HostFacts) -> HostActions:
         proxy_remove = True
         reasons.append(f"remove {PROXY_NAME}: not in the plan")
     reasons.extend(f"run task {t.name}" for t in hp.tasks)
+    group_stop = tuple(i.name for i in start if i.group and i.name in f.units)
     return HostActions(host, tuple(start), remove, tuple(wait), pull, install_vllm,
                        install_harness, tuple(reasons), len(hp.tasks), proxy_start,
-                       proxy_remove, proxy_wait)
+                       proxy_remove, proxy_wait, group_stop)
 
 
 def check(plan: Plan, facts: dict[str, HostFacts], fitted: frozenset[str] = frozenset()
@@ -269,10 +312,11 @@ def check(plan: Plan, facts: dict[str, HostFacts], fitted: frozenset[str] = froz
     ``fitted``: hosts whose GPU fit the planner has reported already (not said twice)."""
     problems: list[str] = []
     hosts: dict[str, HostActions] = {}
+    groups = group_changes(plan, facts)
     for hp in plan.hosts:
         f = facts.get(hp.host)
         if f is None:
             continue
         problems.extend(problems_of(plan, hp.host, f, fit=hp.host not in fitted))
-        hosts[hp.host] = actions_of(plan, hp.host, f)
+        hosts[hp.host] = actions_of(plan, hp.host, f, groups)
     return Checked(tuple(problems), hosts)

@@ -207,10 +207,12 @@ def role_vars(p: Plan, a: HostActions, inputs: Inputs, f: HostFacts) -> dict[str
         "evalprov_image_pull": a.pull,
         "evalprov_vllm_start": [instance_vars(i) for i in a.start],
         "evalprov_vllm_remove": list(a.remove),
+        "evalprov_vllm_group_stop": list(a.group_stop),
         "evalprov_vllm_install": a.install_vllm,
         "evalprov_vllm_proxy_start": proxy_start(a, p, f),
         "evalprov_vllm_proxy_remove": a.proxy_remove,
-        "evalprov_health_wait": [{"name": i.name, "port": i.port} for i in a.wait],
+        "evalprov_health_wait": [wait_vars(i) for i in a.wait],
+        "evalprov_health_group": group_wait(p, a, inputs.run_id),
         "evalprov_health_proxy": {
             "name": a.proxy_wait.name, "stats_port": a.proxy_wait.stats_port,
             "servers": [n for n, _ in a.proxy_wait.servers]} if a.proxy_wait else {},
@@ -222,6 +224,29 @@ def role_vars(p: Plan, a: HostActions, inputs: Inputs, f: HostFacts) -> dict[str
         "evalprov_eval_proxy_stats_port": hp.proxy.stats_port if hp.proxy and hp.tasks else 0,
         **follow_vars(p, len(hp.tasks)),
     }
+
+
+def wait_vars(inst: Any) -> dict[str, Any]:
+    """An instance the health role waits for: a single instance or a group's head until it
+    serves; a group's worker while its process runs, until its head serves."""
+    out = {"name": inst.name, "port": inst.port}
+    if inst.role != "single":
+        out.update(role=inst.role, group=inst.group, rank=inst.rank, head=inst.nodes[0])
+    return out
+
+
+def group_wait(p: Plan, a: HostActions, run_id: str) -> dict[str, Any]:
+    """How the members of a node group this host waits in tell one another: the head,
+    once it serves, marks the group ready on each worker; a member that fails marks the
+    group failed on every other member, whose wait then ends at once. Marks are files in
+    each member's state directory named after the group, holding this run's id."""
+    inst = next((i for i in a.wait if i.group), None)
+    if inst is None:
+        return {}
+    (g,) = [g for g in p.groups if g.name == inst.group]
+    return {"name": g.name, "run": run_id, "role": inst.role, "rank": inst.rank,
+            "head": g.head, "workers": list(g.hosts[1:]),
+            "others": [h for h in g.hosts if h != a.host]}
 
 
 def proxy_start(a: HostActions, p: Plan, f: HostFacts) -> dict[str, Any]:
@@ -297,7 +322,7 @@ def decide_slurm(inputs: Inputs, raw: dict[str, dict[str, Any]]) -> Decision:
 
     exe = inputs.config.execution
     assert isinstance(exe, SlurmExecution)
-    slurm.check_supported(exe)
+    slurm.check_supported(exe, inputs.config.deployment)
     the_plan = plan(inputs.config, [])
     host = the_plan.hosts[0].host
     directory = slurm.job_dir(exe, inputs.run_id)

@@ -42,6 +42,9 @@ def group_member_vars(inst: Instance) -> dict[str, Any]:
     these keys): role head|worker, the group, its first rank, the group's hosts, the head's
     address and rpc/Ray port, and the `ray start` argv to run before argv (ray mode)."""
     return {
+        # a member that exits stays down: its group cannot take it back, the next apply
+        # restarts the whole group
+        "restart_policy": "no",
         "role": inst.role,
         "group": inst.group,
         "rank": inst.rank,

@@ -511,7 +511,11 @@ def slurm_hosts(execution: SlurmExecution) -> list[HostFacts]:
     """A Slurm run plans against its allocation: one node per instance, gres GPUs each;
     a single instance is the cluster itself, named by its login node."""
     if execution.num_instances == 1:
-        return [HostFacts(execution.hostname, execution.gpus_per_node)]
+        # num_nodes > 1: one instance over the allocation's nodes (slurm.group_spec splits
+        # it into a head and headless workers), planned against all their GPUs
+        gpus = execution.gpus_per_node
+        return [HostFacts(execution.hostname,
+                          gpus * execution.num_nodes if gpus is not None else None)]
     return [
         HostFacts(f"{execution.hostname}/instance-{i}", execution.gpus_per_node)
         for i in range(execution.num_instances)

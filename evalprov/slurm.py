@@ -152,6 +152,7 @@ def make_job(p, exe: SlurmExecution, inputs, tasks: list[dict[str, Any]]) -> Job
         "task_timeout": walltime_seconds(exe.max_walltime or exe.walltime),
         "concurrency": p.eval_concurrency,
         "instance": instance_vars(inst) if inst else None,
+        "group": group_spec(exe, inputs.config.deployment, inst),
         "tasks": tasks, "sbatch_argv": list(argv), "resumes_left": resumes(exe),
         "walltime": walltime_seconds(exe.walltime), "signal_lead": signal_lead(exe),
     }
@@ -210,14 +211,71 @@ def check_facts(host: str, exe: SlurmExecution, job: Job, facts: dict[str, Any],
     return problems
 
 
-def check_supported(exe: SlurmExecution) -> None:
-    if exe.num_nodes > 1:
-        raise PlanError(f"execution.num_nodes: {exe.num_nodes} — a deployment across several "
-                        "nodes is not supported on Slurm yet; use num_nodes: 1")
+def check_supported(exe: SlurmExecution, dep: Any = None) -> None:
+    """What a Slurm job can serve: one instance, on one node or, as vLLM's multi-node data
+    parallel, over num_nodes nodes (whole data-parallel ranks per node)."""
     if exe.num_instances > 1:
         raise PlanError(f"execution.num_instances: {exe.num_instances} — several instances "
                         "behind one endpoint are not supported on Slurm yet; use "
                         "num_instances: 1")
+    if exe.num_nodes > 1:
+        group_shape(exe, dep)
+
+
+def group_shape(exe: SlurmExecution, dep: Any) -> tuple[int, int]:
+    """num_nodes > 1: (data-parallel ranks per node, GPUs per node the job uses); PlanError
+    naming the fields when the deployment does not split into whole ranks per node."""
+    from evalprov.config.models import VllmDeployment
+
+    n = exe.num_nodes
+    where = f"execution.num_nodes: {n}"
+    if exe.instances_per_host != 1:
+        raise PlanError(f"{where} with execution.instances_per_host "
+                        f"{exe.instances_per_host}: a job over several nodes serves one "
+                        "instance; remove instances_per_host")
+    if not isinstance(dep, VllmDeployment):
+        raise PlanError(f"{where} — only a vLLM deployment is served over several nodes; use "
+                        "num_nodes: 1")
+    tp, pp, dp = dep.tensor_parallel_size, dep.pipeline_parallel_size, dep.data_parallel_size
+    if dp % n:
+        raise PlanError(f"{where} with deployment.data_parallel_size {dp}: evalprov spreads a "
+                        "deployment over Slurm nodes as vLLM's multi-node data parallel, "
+                        "whole ranks per node; make data_parallel_size a multiple of num_nodes")
+    local = dp // n
+    gpus = exe.gpus_per_node
+    if gpus is not None and local * tp * pp > gpus:
+        raise PlanError(f"{where}: each node runs {local} data-parallel rank(s) of tensor x "
+                        f"pipeline parallel {tp}x{pp} = {local * tp * pp} GPUs but has {gpus} "
+                        "(execution.gres); raise num_nodes or lower the parallel sizes (TP x PP "
+                        "over several nodes, on Ray, is not supported on Slurm yet)")
+    return local, local * tp * pp
+
+
+def group_spec(exe: SlurmExecution, dep: Any, inst: Any) -> dict[str, Any] | None:
+    """The job's part of a deployment over num_nodes nodes (None for one node): the head
+    (the batch node) serves the API with data-parallel ranks 0..L-1; each other node runs
+    `vllm serve --headless` with its own ranks, started by the job with srun. The head's
+    address is known only on the node: the driver puts it at argv[address_at]."""
+    from evalprov.plan import DP_RPC_PORT, vllm_argv
+
+    if exe.num_nodes <= 1 or inst is None:
+        return None
+    local, used = group_shape(exe, dep)
+    port = DP_RPC_PORT
+    if port == dep.port:
+        raise PlanError(f"deployment.port: {port} is the data-parallel rpc port of the job's "
+                        "head node; pick another deployment.port")
+    tail = ["--data-parallel-address", "", "--data-parallel-rpc-port", str(port)]
+    head = [*inst.argv, "--data-parallel-size-local", str(local), *tail]
+    workers = []
+    for node in range(1, exe.num_nodes):
+        argv = [*vllm_argv(dep, inst.model, None), "--headless", "--data-parallel-size-local",
+                str(local), "--data-parallel-start-rank", str(node * local), *tail]
+        workers.append({"node": node, "rank": node * local, "argv": argv,
+                        "address_at": len(argv) - 3})
+    return {"nodes": exe.num_nodes, "local": local, "rpc_port": port,
+            "gpus": list(range(used)), "head_argv": head, "address_at": len(head) - 3,
+            "workers": workers}
 
 
 def job_vars(job: Job, state: str, samples_src: str, sample_data: bool) -> dict[str, Any]:

@@ -141,6 +141,40 @@ def test_seed_example_runs_as_one_job_and_scores_come_home(cluster, work, tmp_pa
     assert cluster.squeue() == []
 
 
+def test_a_two_node_job_serves_as_a_data_parallel_head_and_a_headless_worker(cluster, work,
+                                                                            tmp_path):
+    """execution.num_nodes 2: the job holds both nodes; the batch node serves the API with
+    data-parallel ranks 0-1, the other node runs `vllm serve --headless` from rank 2 (an
+    srun step of the same job); the head serves only once all four ranks joined, and the
+    tasks run against it."""
+    local = tmp_path / "results"
+    proc = apply_seed(cluster, work, local, "-o", "execution.num_nodes=2",
+                      "-o", "deployment.data_parallel_size=4")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    s = summary(local)
+    assert {t["task"]: t["status"] for t in s["tasks"]} == {"ifeval": "succeeded",
+                                                           "gpqa_diamond": "succeeded"}
+    run_dir = work / s["run"]
+    spec = json.loads((run_dir / "job.json").read_text())
+    (w,) = spec["group"]["workers"]
+    state = json.loads((run_dir / "state.json").read_text())
+    worker_log = (run_dir / "evalprov-vllm-0.w1.log").read_text()
+    # the worker ran on the node that is not the batch node, and joined the head there
+    (line,) = [ln for ln in worker_log.splitlines() if ln.startswith("evalprov job worker 1")]
+    assert f"on node {state['node']}:" not in line and "ranks from 2" in line, line
+    addr = line.rsplit("head ", 1)[1]
+    assert f"joined the data-parallel head at {addr}:29550 with rank(s) 2,3" in worker_log
+    assert w["argv"][w["address_at"]] == ""  # the address is the node's, filled in there
+    assert cluster.job(state["job"])["NumNodes"] == "2"
+    # the job stopped both members: nothing of it runs on any node; no secret reached a
+    # file or a process listing (the worker's come on its srun's stdin)
+    for h in cluster.fleet.hosts:
+        assert cluster.fleet.docker(h.name, "ps", "-q").stdout.strip() == b""
+    leaked = [str(p) for root in (work, local) for p in root.rglob("*")
+              if p.is_file() and SECRET.encode() in p.read_bytes()]
+    assert leaked == []
+
+
 def test_a_server_that_dies_ends_the_job_at_once_quoting_its_log(cluster, work, tmp_path):
     """The stand-in crashes 3 s after start (STANDIN_EXIT_AFTER) with vLLM-like log lines:
     the job ends at once (not at the readiness timeout), every task is failed with the

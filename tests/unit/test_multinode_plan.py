@@ -5,6 +5,8 @@ the inventory variables the roles get."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from evalprov.errors import PlanError
@@ -369,17 +371,65 @@ def test_a_single_instance_has_no_group_variables(make):
 # --------------------------------------------------------------------------- apply
 
 
-def test_apply_refuses_a_node_group_before_anything_starts(make):
+PROBED = dict(gpu_count=4, docker_present=True, docker_running=True, nvidia_runtime=True,
+              haproxy="/usr/sbin/haproxy", image_id="sha256:1", image_digests=("d@1",),
+              remote_digest="d@1")
+
+
+def group_facts(p, running=("h1", "h2"), **extra):
+    """Probe facts of h1 and h2 as if each member of the plan's group were running (those
+    in ``running``) with its planned spec."""
     from evalprov.check import HostFacts as Probed
+    from evalprov.check import Unit
+
+    out = {}
+    for h in ("h1", "h2"):
+        units = {i.name: Unit(i.name, i.spec_hash, True, i.serves, i.port)
+                 for i in p.host(h).instances if h in running}
+        out[h] = Probed(**PROBED, units=units, **extra)
+    return out
+
+
+def test_apply_starts_a_data_parallel_group_and_waits_for_every_member(make):
+    from evalprov.check import check
+    from evalprov.decide import group_wait, wait_vars
+
+    p = make([("h1", 4, "10.1.0.1"), ("h2", 4, "10.1.0.2")], tp=2, dp=4)
+    checked = check(p, group_facts(p, running=()))
+    assert checked.problems == ()
+    h1, h2 = checked.hosts["h1"], checked.hosts["h2"]
+    assert [i.name for i in h1.start] == [i.name for i in h1.wait] == ["evalprov-vllm-0"]
+    # the worker is waited for too: while its process runs, until its head serves
+    assert [i.role for i in h2.start] == [i.role for i in h2.wait] == ["worker"]
+    assert wait_vars(h2.wait[0]) == {"name": "evalprov-vllm-0", "port": 0, "role": "worker",
+                                     "group": "group-0", "rank": 2, "head": "h1"}
+    assert group_wait(p, h1, "run1") == {
+        "name": "group-0", "run": "run1", "role": "head", "rank": 0, "head": "h1",
+        "workers": ["h2"], "others": ["h2"]}
+    assert group_wait(p, h2, "run1")["others"] == ["h1"]
+
+
+def test_a_group_member_that_stopped_restarts_the_whole_group(make):
     from evalprov.check import check
 
     p = make([("h1", 4, "10.1.0.1"), ("h2", 4, "10.1.0.2")], tp=2, dp=4)
-    probed = Probed(gpu_count=4, docker_present=True, docker_running=True,
-                    nvidia_runtime=True, haproxy="/usr/sbin/haproxy")
-    checked = check(p, {"h1": probed, "h2": probed})
-    (line,) = checked.problems
-    assert line.startswith("host h1: the deployment spans node group group-0 (h1, h2; "
-                           "data-parallel)") and "lower the parallel sizes" in line
-    # a worker has no API: nothing waits for it (its head is waited for)
-    assert [i.name for i in checked.hosts["h1"].wait] == ["evalprov-vllm-0"]
-    assert checked.hosts["h2"].wait == () and len(checked.hosts["h2"].start) == 1
+    steady = check(p, group_facts(p))
+    assert steady.hosts["h1"].converged or steady.hosts["h1"].tasks
+    assert steady.hosts["h1"].start == steady.hosts["h2"].start == ()
+    # the worker's process is gone: the head, still running, cannot take it back
+    checked = check(p, group_facts(p, running=("h1",)))
+    assert [i.role for i in checked.hosts["h1"].start] == ["head"]
+    assert any("its node group group-0 restarts (evalprov-vllm-0 on h2 not there)" in r
+               for r in checked.hosts["h1"].reasons), checked.hosts["h1"].reasons
+    assert [i.role for i in checked.hosts["h2"].start] == ["worker"]
+
+
+def test_apply_refuses_a_ray_group_before_anything_starts(make):
+    from evalprov.check import check
+
+    p = make([("h1", 8, "10.2.0.1"), ("h2", 8, "10.2.0.2")], tp=8, pp=2)
+    facts = group_facts(p, running=())
+    facts = {h: dataclasses.replace(f, gpu_count=8) for h, f in facts.items()}
+    (line,) = check(p, facts).problems
+    assert line.startswith("host h1: the deployment spans node group group-0 (h1, h2; ray)")
+    assert "does not start Ray groups yet" in line and "fits one host" in line

@@ -138,12 +138,52 @@ def test_gres_too_small_for_the_parallel_sizes_is_refused_before_anything():
     assert "execution.gres gives 4 GPUs but one instance needs 8" in str(err.value)
 
 
-@pytest.mark.parametrize("field", ["num_nodes", "num_instances"])
-def test_multi_node_and_several_instances_are_refused_in_one_line(field):
+def test_several_instances_are_refused_in_one_line():
     with pytest.raises(PlanError) as err:
-        decision("-o", f"execution.{field}=2")
-    assert f"execution.{field}: 2" in str(err.value)
+        decision("-o", "execution.num_instances=2")
+    assert "execution.num_instances: 2" in str(err.value)
     assert "not supported on Slurm yet" in str(err.value)
+
+
+def test_num_nodes_splits_the_data_parallel_ranks_into_a_head_and_headless_workers():
+    """The seed serves DP 8; over 2 nodes of 8 GPUs each node runs 4 ranks: the batch node
+    the head (the API), the other `vllm serve --headless` from rank 4, started by srun."""
+    d = decision("-o", "execution.num_nodes=2")
+    spec = d.host_vars[HOST]["evalprov_slurm_spec"]
+    g = spec["group"]
+    assert (g["nodes"], g["local"], g["rpc_port"], g["gpus"]) == (2, 4, 29550, [0, 1, 2, 3])
+    inst = spec["instance"]
+    assert g["head_argv"] == [*inst["argv"], "--data-parallel-size-local", "4",
+                              "--data-parallel-address", "", "--data-parallel-rpc-port",
+                              "29550"]
+    assert g["head_argv"][g["address_at"] - 1] == "--data-parallel-address"
+    (w,) = g["workers"]
+    assert (w["node"], w["rank"]) == (1, 4)
+    assert "--port" not in w["argv"] and "--host" not in w["argv"]
+    assert w["argv"][:3] == inst["argv"][:3] and "--data-parallel-size=8" in w["argv"]
+    assert w["argv"][w["argv"].index("--headless"):] == [
+        "--headless", "--data-parallel-size-local", "4", "--data-parallel-start-rank", "4",
+        "--data-parallel-address", "", "--data-parallel-rpc-port", "29550"]
+    assert w["argv"][w["address_at"] - 1] == "--data-parallel-address"
+    assert "--nodes=2" in d.host_vars[HOST]["evalprov_slurm_sbatch_argv"]
+    assert decision().host_vars[HOST]["evalprov_slurm_spec"]["group"] is None
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (("execution.num_nodes=3",), "make data_parallel_size a multiple of num_nodes"),
+    (("execution.num_nodes=2", "execution.gres=gpu:2"),
+     "each node runs 4 data-parallel rank(s) of tensor x pipeline parallel 1x1 = 4 GPUs "
+     "but has 2"),
+    (("execution.num_nodes=2", "deployment.port=29550"), "deployment.port: 29550 is the "
+     "data-parallel rpc port"),
+    (("execution.num_nodes=2", "execution.instances_per_host=auto"),
+     "a job over several nodes serves one instance"),
+])
+def test_num_nodes_that_do_not_split_the_ranks_are_refused_in_one_line(overrides, words):
+    with pytest.raises(PlanError) as err:
+        decision(*[x for o in overrides for x in ("-o", o)])
+    (line,) = err.value.lines
+    assert words in line, line
 
 
 @pytest.mark.parametrize("walltime, max_walltime, resumes", [

@@ -117,6 +117,31 @@ def read_state(state_dir, name):
     return rec if isinstance(rec, dict) else {}
 
 
+def group_mark_path(state_dir, group):
+    """A node group's mark on one member (not *.json: the mark is no instance)."""
+    return os.path.join(state_dir, group + ".group")
+
+
+def read_group_mark(state_dir, group, run):
+    """This run's mark of the group on this host ({} none): state ready (the head serves)
+    or failed (a member failed: reason, by)."""
+    try:
+        with open(group_mark_path(state_dir, group)) as f:
+            mark = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return mark if isinstance(mark, dict) and mark.get("run") == run else {}
+
+
+def write_group_mark(state_dir, group, run, state, reason="", by=""):
+    os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    path = group_mark_path(state_dir, group)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+        json.dump({"run": run, "state": state, "reason": reason, "by": by}, f)
+    os.replace(tmp, path)
+
+
 def state_names(state_dir):
     try:
         return sorted(f[:-5] for f in os.listdir(state_dir) if f.endswith(".json"))

@@ -28,6 +28,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -78,18 +79,26 @@ def visible_gpus(planned):
     return [alloc[i] if i < len(alloc) else str(i) for i in planned]
 
 
+DRIVER_MODULE = "ansible_collections.evalprov.fleet.plugins.module_utils.evalprov_job"
+
+
 class Job:
-    def __init__(self, job_dir):
+    def __init__(self, job_dir, worker=False):
         self.dir = job_dir
         self.spec = read_json(os.path.join(job_dir, "job.json"))
         if not isinstance(self.spec, dict):
             raise SystemExit(f"evalprov job: {job_dir}/job.json is missing or not JSON")
         self.job_id = os.environ.get("SLURM_JOB_ID", "")
-        self.secrets = take_secrets(job_dir)
+        if worker:  # the head read the file: a worker's come on its stdin, one JSON line
+            line = sys.stdin.readline()
+            self.secrets = {"deployment_env": json.loads(line) if line.strip() else {}}
+        else:
+            self.secrets = take_secrets(job_dir)
         self.stopping = threading.Event()
         self.timed_out = False
         self.lock = threading.Lock()
         self.server = None  # Popen (process runtime) or container name (docker)
+        self.workers = []  # (worker spec, node, srun Popen): the other nodes of a group
         self.state = {"job": self.job_id, "node": os.uname().nodename, "phase": "starting",
                       "message": "", "tasks": {}, "started": time.time()}
         for t in self.spec["tasks"]:
@@ -139,9 +148,10 @@ class Job:
         return ids.index(self.job_id) if self.job_id in ids else 0
 
     # ------------------------------------------------------------------ server
-    def start_server(self, inst):
+    def start_server(self, inst, member=""):
+        """member: "" the job's one server or a group's head; "w<N>" a group's worker."""
         runtime = self.spec["runtime"]
-        log_path = os.path.join(self.dir, f"{inst['name']}.log")
+        log_path = os.path.join(self.dir, f"{inst['name']}{'.' + member if member else ''}.log")
         secret = {k: str(v) for k, v in (self.secrets.get("deployment_env") or {}).items()}
         if runtime == "process":
             venv = self.spec["vllm_venv"]
@@ -157,10 +167,12 @@ class Job:
                 self.server = subprocess.Popen(
                     argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                     env=env, cwd=self.dir, start_new_session=True, close_fds=True)
-            write_pid(os.path.join(self.dir, "vllm.pid"), self.server.pid)
+            write_pid(os.path.join(self.dir, f"vllm{'.' + member if member else ''}.pid"),
+                      self.server.pid)
             return
         docker = shutil.which("docker") or "docker"
         name = f"evalprov-slurm-{self.job_id or os.getpid()}-{inst['name']}"
+        name += f"-{member}" if member else ""
         argv = [docker, "run", "-d", "--name", name, "--network", "host", "--ipc", "host",
                 "--entrypoint", inst["entrypoint"][0]]
         for key, value in sorted(inst["labels"].items()):
@@ -200,7 +212,72 @@ class Job:
             return (out.stdout + out.stderr)[-20000:]
         return tail(os.path.join(self.dir, f"{inst['name']}.log"), lines)
 
+    def start_group(self, inst, group):
+        """A deployment over the allocation's nodes: the workers first (srun, one step per
+        other node, each running this driver in worker mode), then the head here. The head's
+        address goes into every member's argv at the place evalprov left for it."""
+        nodes = job_nodes()
+        if len(nodes) < int(group["nodes"]):
+            raise RuntimeError(f"the job has {len(nodes)} node(s) ({', '.join(nodes)}) but the "
+                               f"deployment needs {group['nodes']}")
+        addr = node_address(nodes[0])
+        self.save(message=f"starting {inst['label']} over {group['nodes']} nodes "
+                          f"({', '.join(nodes[:int(group['nodes'])])}; head {addr})")
+        secret = json.dumps({k: str(v) for k, v in
+                             (self.secrets.get("deployment_env") or {}).items()})
+        for w in group["workers"]:
+            node = nodes[int(w["node"])]
+            argv = ["srun", "--nodes=1", "--ntasks=1", f"--nodelist={node}", "--overlap",
+                    "--export=ALL", "--kill-on-bad-exit=0", sys.executable, "-m", DRIVER_MODULE,
+                    self.dir, "--worker", str(w["node"]), addr]
+            log = os.path.join(self.dir, f"{inst['name']}.w{w['node']}.srun.log")
+            with open(log, "ab") as out:
+                proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=out,
+                                        stderr=subprocess.STDOUT, close_fds=True)
+            # the secrets on the step's stdin (srun hands it to the worker), never in an
+            # environment or argv another user's ps could read; the pipe stays open: its
+            # end tells the worker to stop (srun turns a signal into SIGKILL of the step,
+            # which would leave the worker's container running)
+            with contextlib.suppress(OSError):
+                proc.stdin.write(secret.encode() + b"\n")
+                proc.stdin.flush()
+            self.workers.append((w, node, proc))
+        head = list(group["head_argv"])
+        head[int(group["address_at"])] = addr
+        self.start_server(member(inst, head, group["gpus"]))
+
+    def dead_worker(self, inst):
+        """The first worker whose srun step ended, as a sentence with its log's decisive
+        line (None: every worker runs)."""
+        for w, node, proc in self.workers:
+            if proc.poll() is None:
+                continue
+            text = tail(os.path.join(self.dir, f"{inst['name']}.w{w['node']}.log"), 40)
+            cause = decisive_line(text) or text.replace("\n", " ")[-300:]
+            return (f"worker on node {node} (data-parallel ranks from {w['rank']}) exited "
+                    f"({proc.returncode}) before the group served: {cause}")
+        return None
+
+    def stop_workers(self):
+        """Each worker stops its server when its stdin ends; a step still there after
+        that is signalled."""
+        workers, self.workers = self.workers, []
+        for _w, _node, proc in workers:
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
+        for _w, _node, proc in workers:
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
     def stop_server(self):
+        self.stop_workers()
         server, self.server = self.server, None
         if isinstance(server, subprocess.Popen):
             stop_group(server.pid, grace=3.0)
@@ -217,6 +294,9 @@ class Job:
             ok, _detail = health(inst["port"], self.spec["health_path"], served)
             if ok:
                 return None
+            dead = self.dead_worker(inst)
+            if dead:
+                return dead
             if not self.server_alive():
                 text = self.server_log(inst)
                 cause = decisive_line(text)
@@ -307,7 +387,11 @@ class Job:
         if inst:
             self.save(phase="loading", message=f"starting {inst['label']}")
             try:
-                self.start_server(inst)
+                group = self.spec.get("group")
+                if group:
+                    self.start_group(inst, group)
+                else:
+                    self.start_server(inst)
             except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
                 self.save(phase="failed", message=str(exc)[:500])
                 return 1
@@ -321,9 +405,76 @@ class Job:
         return 0
 
 
+def job_nodes():
+    """The allocation's nodes, the batch node (this one) first."""
+    out = subprocess.run(["scontrol", "show", "hostnames", os.environ.get("SLURM_JOB_NODELIST",
+                                                                          "")],
+                         capture_output=True, text=True, check=False, timeout=60)
+    nodes = out.stdout.split()
+    here = os.environ.get("SLURMD_NODENAME") or os.uname().nodename
+    return [here] + [n for n in nodes if n != here] if here in nodes else nodes
+
+
+def node_address(node):
+    """Where the other nodes reach this one: Slurm's NodeAddr of it, as an IP address."""
+    out = subprocess.run(["scontrol", "show", "node", "-o", node], capture_output=True,
+                         text=True, check=False, timeout=60).stdout
+    addr = next((w.split("=", 1)[1] for w in out.split() if w.startswith("NodeAddr=")), node)
+    try:
+        return socket.getaddrinfo(addr, None, socket.AF_INET)[0][4][0]
+    except OSError:
+        return addr
+
+
+def member(inst, argv, gpus):
+    """The instance as one group member runs it: its own argv and GPUs."""
+    return {**inst, "argv": argv, "entrypoint": argv[:1], "command": argv[1:], "gpus": gpus}
+
+
+def run_worker(job_dir, index, addr):
+    """One group worker on its node (an srun step of the head's job): start its headless
+    server, stay while it runs, stop it when its stdin ends or it is signalled (the head
+    stopping)."""
+    job = Job(job_dir, worker=True)
+    inst, group = job.spec["instance"], job.spec["group"]
+    (w,) = [w for w in group["workers"] if int(w["node"]) == int(index)]
+    argv = list(w["argv"])
+    argv[int(w["address_at"])] = addr
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+        signal.signal(sig, lambda *_: stop.set())
+    log_path = os.path.join(job_dir, f"{inst['name']}.w{index}.log")
+    with open(log_path, "a") as log:
+        log.write(f"evalprov job worker {index} on node {os.uname().nodename}: "
+                  f"data-parallel ranks from {w['rank']}, head {addr}\n")
+
+    def head_gone():  # the head closes this step's stdin when it stops the group
+        sys.stdin.read()
+        stop.set()
+
+    threading.Thread(target=head_gone, daemon=True).start()
+    try:
+        job.start_server(member(inst, argv, group["gpus"]), f"w{index}")
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        with open(log_path, "a") as log:
+            log.write(f"ERROR: evalprov job worker {index} could not start: {exc}\n")
+        return 3
+    try:
+        while not stop.is_set() and job.server_alive():
+            stop.wait(1.0)
+    finally:
+        if isinstance(job.server, str):  # the container's own output, before it goes
+            with open(log_path, "a") as log:
+                log.write(job.server_log(inst, 200) + "\n")
+        job.stop_server()
+    return 0 if stop.is_set() else 3
+
+
 def main(argv):
+    if len(argv) == 5 and argv[2] == "--worker":
+        return run_worker(argv[1], argv[3], argv[4])
     if len(argv) != 2:
-        print("usage: evalprov_job JOB_DIR", file=sys.stderr)
+        print("usage: evalprov_job JOB_DIR [--worker N HEAD_ADDRESS]", file=sys.stderr)
         return 2
     return Job(argv[1]).run()
 

@@ -56,6 +56,11 @@ options:
     description: Seconds to wait after SIGTERM before SIGKILL.
     type: int
     default: 30
+  restart:
+    description: Under systemd, restart the program when it fails (a node group's member
+      is not restarted; its group is).
+    type: bool
+    default: true
 author: evalprov
 """
 
@@ -161,7 +166,7 @@ StandardOutput=append:{log_path}
 StandardError=append:{log_path}
 KillMode=control-group
 TimeoutStopSec={p['stop_timeout']}
-Restart=on-failure
+Restart={"on-failure" if p["restart"] else "no"}
 
 [Install]
 WantedBy=multi-user.target
@@ -189,6 +194,7 @@ def main():
             "supervisor": {"type": "str", "choices": ["auto", "systemd", "background"],
                            "default": "auto"},
             "stop_timeout": {"type": "int", "default": 30},
+            "restart": {"type": "bool", "default": True},
         },
         required_if=[("state", "started", ("argv", "spec_hash"))],
         supports_check_mode=True,

@@ -66,6 +66,7 @@ from ansible_collections.evalprov.fleet.plugins.module_utils.evalprov_host impor
     health,
     is_ours,
     proxy_servers,
+    read_group_mark,
     read_state,
 )
 
@@ -95,14 +96,21 @@ def log_tail(runtime, state_dir, name, lines):
         return f"(no log: {exc})"
 
 
-def stopped_message(runtime, name, state, tail):
+def stopped_message(runtime, name, state, tail, inst=None):
     cause = decisive_line(tail)
     if runtime == "docker":
         how = (f"container {state['status']}, exit code {state['exit_code']}, "
                f"{state['restarts']} restart(s)")
     else:
         how = "the vllm serve process exited"
-    head = f"instance {name} stopped before it became healthy"
+    inst = inst or {}
+    if inst.get("role") == "worker":
+        head = (f"worker {name} (data-parallel ranks from {inst.get('rank')}) of node group "
+                f"{inst.get('group')} stopped before the group served")
+    elif inst.get("role") == "head":
+        head = f"head {name} of node group {inst.get('group')} stopped before it became healthy"
+    else:
+        head = f"instance {name} stopped before it became healthy"
     return f"{head}: {cause} ({how})" if cause else f"{head} ({how})"
 
 
@@ -119,6 +127,7 @@ def main():
             "log_lines": {"type": "int", "default": 200},
             "api_key": {"type": "str", "no_log": True},
             "proxy": {"type": "dict", "default": {}},
+            "group": {"type": "dict", "default": {}},
         },
         supports_check_mode=True,
     )
@@ -130,10 +139,22 @@ def main():
     start = time.monotonic()
     deadline = start + p["timeout"]
     healthy, why, restarts = {}, {}, {}
+    group = p["group"] or {}
     while pending:
+        mark = read_group_mark(p["state_dir"], group["name"], group["run"]) if group else {}
+        if mark.get("state") == "failed":
+            name = sorted(pending)[0]
+            module.fail_json(msg=f"node group {group['name']} failed: {mark.get('reason')}",
+                             failed_instance=name, healthy=healthy, reason="group",
+                             log_tail=log_tail(p["runtime"], p["state_dir"], name,
+                                               p["log_lines"]))
         for name, inst in list(pending.items()):
-            ok, reason = health(inst["port"], p["health_path"], p["served_model_name"],
-                                p["api_key"])
+            if inst.get("role") == "worker":
+                ok = mark.get("state") == "ready"
+                reason = f"waiting for its head {inst.get('head')} to serve"
+            else:
+                ok, reason = health(inst["port"], p["health_path"], p["served_model_name"],
+                                    p["api_key"])
             if ok:
                 healthy[name] = round(time.monotonic() - start, 1)
                 del pending[name]
@@ -148,7 +169,7 @@ def main():
             if not state["running"] or state["status"] == "restarting" \
                     or state["restarts"] > first:
                 tail = log_tail(p["runtime"], p["state_dir"], name, p["log_lines"])
-                module.fail_json(msg=stopped_message(p["runtime"], name, state, tail),
+                module.fail_json(msg=stopped_message(p["runtime"], name, state, tail, inst),
                                  failed_instance=name, healthy=healthy, reason="exited",
                                  log_tail=tail)
         if not pending:

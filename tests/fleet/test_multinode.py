@@ -1,0 +1,155 @@
+"""Deployments larger than one host through `evalprov apply`: vLLM's multi-node data
+parallel on fake hosts (network namespaces with sshd and dockerd), the stand-in server
+honouring head/headless roles (the head serves only once every rank has joined its rpc
+port), the real harness evaluating through the group's head; a killed worker fails the
+group fast and `--rerun failed` recovers it."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from tests.fleet.test_eval import run_apply, write_config
+from tests.testbed.util import wait_for
+
+pytestmark = pytest.mark.fleet
+
+GPUS = (2, 2, 2, 2)
+INSTANCE = "evalprov-vllm-0"
+
+
+@pytest.fixture
+def mn_fleet(fleet_factory, standin_image, tmp_path):
+    from tests.testbed.eval_image import ensure_eval_image
+
+    fleet = fleet_factory(GPUS, docker=True)
+    image = ensure_eval_image(fleet)
+
+    def pull(host: str) -> None:  # the harness image, as a host that ran a task has it
+        if fleet.docker(host, "image", "inspect", image, check=False).returncode != 0:
+            fleet.docker(host, "pull", image, timeout=300)
+
+    with ThreadPoolExecutor(len(fleet.hosts)) as ex:
+        list(ex.map(pull, [h.name for h in fleet.hosts]))
+    inv = fleet.write_inventory(tmp_path / "inventory.yml")
+    yield fleet, inv, image
+    for h in fleet.hosts:
+        ids = fleet.docker(h.name, "ps", "-aq", "--filter", "label=evalprov.managed",
+                           check=False).stdout.decode().split()
+        if ids:
+            fleet.docker(h.name, "rm", "-f", *ids, check=False)
+
+
+def container(fleet, host: str, running: bool = True) -> list[str]:
+    args = ["ps", "-q"] + ([] if running else ["-a"])
+    return fleet.docker(host, *args, "--filter", f"label=evalprov.instance={INSTANCE}",
+                        check=False).stdout.decode().split()
+
+
+def ranks(fleet, host: str) -> dict:
+    """The stand-in head's view of its data-parallel ranks (GET /evalprov/ranks on the host)."""
+    out = fleet.exec(host, ["python3", "-c", (
+        "import urllib.request,sys; sys.stdout.write(urllib.request.urlopen("
+        "'http://127.0.0.1:8000/evalprov/ranks', timeout=5).read().decode())")]).stdout
+    return json.loads(out)
+
+
+def test_two_node_data_parallel_group_serves_the_tasks_and_recovers_a_killed_worker(
+        mn_fleet, tmp_path):
+    fleet, inv, image = mn_fleet
+    # DP 4 of one GPU each on hosts of 2 GPUs: h1 heads ranks 0-1, h2 runs 2-3 headless;
+    # the head takes 15 s to load, so a worker killed while it loads is seen by the wait
+    config = write_config(tmp_path, image, [{"name": "ifeval"}], deployment={
+        "data_parallel_size": 4, "env_vars": {"STANDIN_START_DELAY": "lit:15"}})
+    errors: list[BaseException] = []
+    done = threading.Event()
+    killed: dict[str, float] = {}
+
+    def kill_worker() -> None:
+        try:
+            (cid,) = wait_for(lambda: container(fleet, "h2"), timeout=300,
+                              what="the worker's container on h2", interval=0.2)
+            wait_for(lambda: ranks(fleet, "h1")["joined"] == [0, 1, 2, 3], timeout=60,
+                     what="every rank joined on h1")
+            fleet.docker("h2", "kill", cid)
+            killed["at"] = time.monotonic()
+        except BaseException as exc:
+            errors.append(exc)
+
+    killer = threading.Thread(target=kill_worker, daemon=True)
+    killer.start()
+    try:
+        plan, result, _, code, text = run_apply(config, inv, limit="h1,h2")
+    finally:
+        done.set()
+        killer.join(60)
+    ended = time.monotonic()
+    assert not errors, errors
+    (g,) = plan.groups
+    assert (g.hosts, g.mode) == (("h1", "h2"), "data-parallel")
+    assert code != 0, text
+    # the worker is named as what failed, and the head's wait ended with it, well before
+    # the 60 s health timeout
+    assert "worker evalprov-vllm-0 (data-parallel ranks from 2) of node group group-0 " \
+           "stopped before the group served" in text, text
+    assert "node group group-0 failed: host h2: worker" in text, text
+    assert ended - killed["at"] < 45, (ended - killed["at"], text)
+    (rec,) = result.tasks  # never started: the head never served
+    assert rec["status"] == "missing" and rec["host"] == "h1", rec
+
+    # --rerun failed: the group restarts as one (the head cannot take the worker back)
+    plan2, res2, _, code2, text2 = run_apply(config, inv, limit="h1,h2", rerun="failed")
+    assert code2 == 0, text2
+    decided = res2.decision["hosts"]
+    assert [i["role"] for i in decided["h1"]["evalprov_vllm_start"]] == ["head"]
+    assert [i["role"] for i in decided["h2"]["evalprov_vllm_start"]] == ["worker"]
+    assert any("its node group group-0 restarts" in r for r in decided["h1"]["evalprov_actions"])
+    (rec2,) = res2.tasks
+    assert rec2["status"] == "succeeded" and rec2["host"] == "h1", rec2
+    assert rec2["primary"]["metric"] == "prompt_level_strict_acc"
+    assert ranks(fleet, "h1")["joined"] == [0, 1, 2, 3]
+    # the worker serves no API; its argv is the plan's
+    (worker,) = plan2.host("h2").instances
+    inspect = json.loads(fleet.docker("h2", "inspect", INSTANCE).stdout)[0]
+    assert [*inspect["Config"]["Entrypoint"], *inspect["Config"]["Cmd"]] == list(worker.argv)
+    assert "--headless" in worker.argv and "--port" not in worker.argv
+
+    # steady state: nothing to do on either member
+    _, again, _, code3, text3 = run_apply(config, inv, limit="h1,h2")
+    assert code3 == 0, text3
+    assert again.hosts["h1"].changed == 0 and again.hosts["h2"].changed == 0, text3
+
+
+def test_four_node_data_parallel_group_comes_up_and_destroy_stops_every_member(mn_fleet,
+                                                                              tmp_path):
+    import subprocess
+    import sys
+
+    fleet, inv, image = mn_fleet
+    # DP 8 on four hosts of 2 GPUs: one group, ranks 0-1 on h1 (the head) ... 6-7 on h4
+    config = write_config(tmp_path, image, [{"name": "ifeval"}],
+                          deployment={"data_parallel_size": 8})
+    plan, result, _, code, text = run_apply(config, inv)
+    assert code == 0, text
+    (g,) = plan.groups
+    assert g.hosts == ("h1", "h2", "h3", "h4") and g.local == 2
+    assert [plan.host(h).instances[0].rank for h in g.hosts] == [0, 2, 4, 6]
+    (rec,) = result.tasks
+    assert rec["status"] == "succeeded" and rec["host"] == "h1", rec
+    assert ranks(fleet, "h1")["joined"] == list(range(8))
+    # each worker dialled the head at the address the plan names (h1's ansible_host)
+    head = fleet.host("h1").ip
+    for h in ("h2", "h3", "h4"):
+        argv = plan.host(h).instances[0].argv
+        assert argv[argv.index("--data-parallel-address") + 1] == head
+        assert container(fleet, h)
+
+    proc = subprocess.run([sys.executable, "-m", "evalprov.cli", "destroy", str(config), "-i",
+                           str(inv)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for h in g.hosts:
+        assert container(fleet, h, running=False) == [], h
