@@ -614,7 +614,14 @@ def eval_image_info(fleet, *, force: bool = False, builder: str | None = None) -
     """Make sure the fleet's registry has the harness image for the current harness venv,
     samples and evalprov.harness env; build (streamed) and push only when missing.
     Returns what happened, with timings; ``info["ref"]`` is the ref for a task's
-    ``container:``."""
+    ``container:``. One process at a time on the machine (registry storage is shared)."""
+    from .util import machine_lock
+
+    with machine_lock("images"):
+        return _eval_image_info(fleet, force=force, builder=builder)
+
+
+def _eval_image_info(fleet, *, force: bool, builder: str | None) -> dict:
     global LAST_INFO
     t0 = time.monotonic()
     tb, version = collect()

@@ -281,7 +281,15 @@ def import_and_push(
 
 def ensure_standin_image(fleet, *, force: bool = False, builder: str | None = None) -> dict:
     """Make sure the registry has ``vllm/vllm-openai:evalprov-standin`` for the current
-    server.py; build and push it only when missing. Returns what happened + timings."""
+    server.py; build and push it only when missing. Returns what happened + timings.
+    One process at a time on the machine (the tar cache and registry storage are shared)."""
+    from .util import machine_lock
+
+    with machine_lock("images"):
+        return _ensure_standin_image(fleet, force=force, builder=builder)
+
+
+def _ensure_standin_image(fleet, *, force: bool, builder: str | None) -> dict:
     t0 = time.monotonic()
     tar = IMAGE_CACHE / "evalprov-standin.tar"
     sha = build_rootfs(tar)

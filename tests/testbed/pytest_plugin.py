@@ -37,20 +37,41 @@ from .image import STANDIN_IMAGE, ensure_standin_image
 DEFAULT_GPUS = (8, 4, 2)
 
 
+# Fleet fixtures whose tests run next to one another (each builds its fleet once).
+FLEET_ORDER = ("eval_fleet", "mn_fleet")
+
+
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(session, config, items) -> None:
-    """The fleet and e2e tests share one machine-wide test fleet: under pytest-xdist they
-    form one group (one worker runs them in turn, the other worker runs the rest), and the
-    tests on the Slurm cluster run last, one after the other, so that the cluster is built
-    once."""
-    def on_cluster(item) -> bool:
-        return "slurm_cluster" in getattr(item, "fixturenames", ())
+    """Tests on a test fleet form two pytest-xdist groups, each run in turn by one worker
+    on a fleet of its own (its own net, fleet_factory.net): "slurm", the tests on the Slurm
+    cluster (built once), and "fleet", every other fleet and e2e test. The other tests run
+    beside them. Within a group, tests on the same fleet fixture run one after another."""
+    def names(item) -> tuple[str, ...]:
+        return tuple(getattr(item, "fixturenames", ()))
 
-    items[:] = [i for i in items if not on_cluster(i)] + [i for i in items if on_cluster(i)]
+    def rank(item) -> int:
+        if "slurm_cluster" in names(item):
+            return len(FLEET_ORDER) + 1
+        return next((k + 1 for k, f in enumerate(FLEET_ORDER) if f in names(item)), 0)
+
+    items[:] = sorted(items, key=rank)  # stable: the collection order otherwise
     for item in items:
-        if item.get_closest_marker("fleet") or item.get_closest_marker("e2e") or \
-                "fleet_factory" in getattr(item, "fixturenames", ()):
+        if "slurm_cluster" in names(item):
+            item.add_marker(pytest.mark.xdist_group("slurm"))
+        elif item.get_closest_marker("fleet") or item.get_closest_marker("e2e") or \
+                "fleet_factory" in names(item):
             item.add_marker(pytest.mark.xdist_group("fleet"))
+
+
+def worker_net() -> int:
+    """The net of this pytest process's fleets: $EVALPROV_TESTBED_NET, else 77 for a
+    single process or xdist's first worker, 90+N for worker gwN (N > 0)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if os.environ.get("EVALPROV_TESTBED_NET", "").strip() or not worker.startswith("gw"):
+        return default_net()
+    index = int(worker[2:] or 0)
+    return default_net() if index == 0 else 90 + index
 
 
 def pytest_configure(config) -> None:
@@ -77,7 +98,7 @@ def fleet_skip_reason() -> str | None:
 class FleetFactory:
     def __init__(self, tmp_path_factory):
         self._tmp = tmp_path_factory
-        self.net = default_net()
+        self.net = worker_net()
         self.current: Fleet | None = None
         self._key: tuple | None = None
         self.image_info: dict | None = None

@@ -263,3 +263,19 @@ def wait_while_running(what: str, pred, procs=(), *, deadline: float,
             assert p.poll() is None, f"{what}: {p.args} exited with {p.returncode}"
         assert time.monotonic() < end, f"{what}: not within {deadline:g} s"
         time.sleep(interval)
+
+
+@contextlib.contextmanager
+def machine_lock(name: str):
+    """An exclusive lock held across processes on this machine (two pytest-xdist workers
+    each with its own fleet share the image cache and the registries' storage)."""
+    import fcntl
+
+    root = Path(os.environ.get("EVALPROV_TESTBED_CACHE", "/var/tmp/evalprov-testbed"))
+    (root / "locks").mkdir(parents=True, exist_ok=True)
+    with open(root / "locks" / f"{name}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
