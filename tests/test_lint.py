@@ -21,14 +21,16 @@ def test_ruff_clean():
 COLLECTION = ROOT / "evalprov" / "ansible_collections" / "evalprov" / "fleet"
 
 
-def test_ansible_lint_production_profile():
+def test_ansible_lint_production_profile(tmp_path):
     """The collection evalprov.fleet (playbooks, roles, plugins) as ansible-lint sees a
     collection: run from its root."""
     exe = shutil.which("ansible-lint")
     assert exe, "ansible-lint is a test dependency: pip install -e .[test]"
     # this tree's collection first (not a copy some earlier tool left in ~/.ansible)
     env = {**os.environ, "ANSIBLE_COLLECTIONS_PATH": os.pathsep.join(
-        [str(ROOT / "evalprov"), "/usr/share/ansible/collections"])}
+        [str(ROOT / "evalprov"), "/usr/share/ansible/collections"]),
+        # and no copy of it in ~/.ansible (molecule installs one there) is looked at
+        "ANSIBLE_HOME": str(tmp_path / "ansible-home")}
     proc = subprocess.run([exe, "--profile", "production", "--offline", "playbooks", "roles"],
                           cwd=COLLECTION, capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
