@@ -36,6 +36,11 @@ def eval_fleet(fleet_factory, standin_image, tmp_path):
     image = ensure_eval_image(fleet)
     inv = fleet.write_inventory(tmp_path / "inventory.yml")
     yield fleet, inv, image
+    remove_managed(fleet)
+
+
+def remove_managed(fleet) -> None:
+    """Every container evalprov made on the fleet's hosts (the next test starts clean)."""
     for h in fleet.hosts:
         names = fleet.docker(h.name, "ps", "-aq", "--filter", "label=evalprov.managed",
                              check=False).stdout.decode().split()

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.fleet.test_eval import run_apply, write_config
+from tests.fleet.test_eval import remove_managed, run_apply, write_config
 from tests.testbed.util import wait_for
 
 pytestmark = pytest.mark.fleet
@@ -37,11 +37,7 @@ def mn_fleet(fleet_factory, standin_image, tmp_path):
         list(ex.map(pull, [h.name for h in fleet.hosts]))
     inv = fleet.write_inventory(tmp_path / "inventory.yml")
     yield fleet, inv, image
-    for h in fleet.hosts:
-        ids = fleet.docker(h.name, "ps", "-aq", "--filter", "label=evalprov.managed",
-                           check=False).stdout.decode().split()
-        if ids:
-            fleet.docker(h.name, "rm", "-f", *ids, check=False)
+    remove_managed(fleet)
 
 
 def container(fleet, host: str, running: bool = True) -> list[str]:

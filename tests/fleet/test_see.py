@@ -14,7 +14,12 @@ import pytest
 
 from evalprov import report, results
 from evalprov.ledger import Ledger
-from tests.fleet.test_eval import eval_fleet, run_apply, write_config  # noqa: F401
+from tests.fleet.test_eval import (  # noqa: F401
+    eval_fleet,
+    remove_managed,
+    run_apply,
+    write_config,
+)
 from tests.testbed import STANDIN_IMAGE
 
 pytestmark = pytest.mark.fleet
@@ -22,6 +27,11 @@ pytestmark = pytest.mark.fleet
 
 def test_the_record_matches_the_hosts_and_gpu_hours_the_ledger(eval_fleet, tmp_path):  # noqa: F811
     fleet, inv, image = eval_fleet
+    # hosts that never had the server image: the timeline has a pull (the fleet is shared
+    # with the tests before this one)
+    remove_managed(fleet)
+    for h in fleet.hosts:
+        fleet.docker(h.name, "rmi", "-f", STANDIN_IMAGE, check=False)
     config = write_config(tmp_path, image, [{"name": "ifeval"}, {"name": "gpqa_diamond"}],
                           placement="shard")
     plan, _result, run_dir, code, text = run_apply(config, inv)
