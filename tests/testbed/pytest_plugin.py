@@ -43,12 +43,17 @@ FLEET_ORDER = ("eval_fleet", "mn_fleet")
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(session, config, items) -> None:
-    """Tests on a test fleet form two pytest-xdist groups, each run in turn by one worker
-    on a fleet of its own (its own net, fleet_factory.net): "slurm", the tests on the Slurm
-    cluster (built once), and "fleet", every other fleet and e2e test. The other tests run
-    beside them. Within a group, tests on the same fleet fixture run one after another."""
+    """The heavy tests form two pytest-xdist groups, each run in turn by one worker: "fleet",
+    the tests on the network-namespace test fleet, and "local+slurm", the tests on the Slurm
+    cluster (built once, on a fleet of that worker's own net, fleet_factory.net) and the
+    end-to-end tests on this machine itself (the quickstart's real vLLM, the local harness
+    and hostile applies), which touch no fleet. The other tests run beside them. Within a
+    group, tests on the same fleet fixture run one after another."""
     def names(item) -> tuple[str, ...]:
         return tuple(getattr(item, "fixturenames", ()))
+
+    def local_e2e(item) -> bool:
+        return item.get_closest_marker("e2e") is not None and "fleet_factory" not in names(item)
 
     def rank(item) -> int:
         if "slurm_cluster" in names(item):
@@ -57,8 +62,8 @@ def pytest_collection_modifyitems(session, config, items) -> None:
 
     items[:] = sorted(items, key=rank)  # stable: the collection order otherwise
     for item in items:
-        if "slurm_cluster" in names(item):
-            item.add_marker(pytest.mark.xdist_group("slurm"))
+        if "slurm_cluster" in names(item) or local_e2e(item):
+            item.add_marker(pytest.mark.xdist_group("local+slurm"))
         elif item.get_closest_marker("fleet") or item.get_closest_marker("e2e") or \
                 "fleet_factory" in names(item):
             item.add_marker(pytest.mark.xdist_group("fleet"))
