@@ -197,11 +197,12 @@ def problems_of(plan: Plan, host: str, f: HostFacts, fit: bool = True) -> list[s
     return out
 
 
-def unit_change(plan: Plan, inst: Instance, f: HostFacts, pull: bool, moved: bool
-                ) -> str | None:
-    """Why this instance must be (re)created on its host, None when it can stay."""
+def unit_change(plan: Plan, inst: Instance, f: HostFacts, pull: bool) -> str | None:
+    """Why this instance must be (re)created on its host, None when it can stay (``pull``:
+    the host pulls the image now; a digest it moved to recreates the instance)."""
     u = f.units.get(inst.name)
     docker = plan.runtime == "docker"
+    moved = pull and bool(f.remote_digest) and bool(f.image_id)
     if u is None:
         return "not there"
     if u.spec_hash != inst.spec_hash:
@@ -242,9 +243,8 @@ def group_changes(plan: Plan, facts: dict[str, HostFacts]) -> dict[str, str]:
             if f is None:
                 continue
             pull, _ = image_pull(plan, h, f)
-            moved = pull and bool(f.remote_digest) and bool(f.image_id)
             for inst in plan.host(h).instances:
-                why = unit_change(plan, inst, f, pull, moved) if inst.group == g.name else None
+                why = unit_change(plan, inst, f, pull) if inst.group == g.name else None
                 if why and g.name not in out:
                     out[g.name] = f"{inst.name} on {h} {why}"
     return out
@@ -259,11 +259,10 @@ def actions_of(plan: Plan, host: str, f: HostFacts, groups: dict[str, str] | Non
     pull, why_pull = image_pull(plan, host, f)
     if pull:
         reasons.append(why_pull)
-    moved = pull and bool(f.remote_digest) and bool(f.image_id)
     start, wait = [], []
     for inst in hp.instances:
         u = f.units.get(inst.name)
-        why = unit_change(plan, inst, f, pull, moved)
+        why = unit_change(plan, inst, f, pull)
         if inst.group and inst.group in groups:
             why = why or f"its node group {inst.group} restarts ({groups[inst.group]})"
         if why:
