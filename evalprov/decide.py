@@ -335,7 +335,10 @@ def decide_slurm(inputs: Inputs, raw: dict[str, dict[str, Any]]) -> Decision:
     tasks = [task_action(the_plan, t, k, inputs, None, run_dir=f"{directory}/tasks",
                          samples_dir=f"{directory}/samples")
              for k, t in enumerate(the_plan.hosts[0].tasks)]
-    job = slurm.make_job(the_plan, exe, inputs, tasks)
+    facts = provenance_spec(the_plan, the_plan.hosts[0])
+    if facts:  # the job's user writes beside its results, not in the hosts' work_dir
+        facts["hash_cache"] = f"{exe.output_dir}/checkpoint-hashes.json"
+    job = slurm.make_job(the_plan, exe, inputs, tasks, facts)
     paths = slurm.paths_to_check(the_plan, exe)
     problems = []
     if host in raw and not inputs.destroy:

@@ -101,6 +101,7 @@ class HostView:
     announced: bool = True  # plain mode: its phase's line is out
     before: tuple[str, float] | None = None  # the phase a task that may be skipped ended
     tasks: dict[str, TaskView] = field(default_factory=dict)
+    detail: str = ""  # how far the phase got (a pull's bytes), "" none
 
 
 class LiveView:
@@ -192,7 +193,16 @@ class LiveView:
                 self._line(host, hv.phase, _WHAT.get(hv.phase, ""))
             elif now - hv.shown_at >= self.heartbeat:
                 hv.shown_at = now
-                self._line(host, hv.phase, f"still {hv.phase}, {duration(now - hv.since)}")
+                self._line(host, hv.phase, f"still {hv.phase}, {duration(now - hv.since)}"
+                           + (f": {hv.detail}" if hv.detail else ""))
+
+    def pulled(self, host: str, progress: dict[str, Any]) -> None:
+        """The pull's look at its bytes: {done_bytes, total_bytes, layers, layers_done,
+        seconds, attempt}; shown beside the phase (and in a plain log's heartbeat)."""
+        with self._lock:
+            hv = self.hosts.get(host)
+            if hv is not None and hv.phase == "pulling":
+                hv.detail = pull_text(progress)
 
     def samples(self, host: str, progress: dict[str, Any]) -> None:
         """The eval module's look at its tasks: {task: {status, done, total, seconds}}."""
@@ -228,7 +238,7 @@ class LiveView:
                 return
             now = self.clock()
             hv.before = (hv.phase, hv.since)
-            hv.phase, hv.since, hv.shown_at = phase, now, now
+            hv.phase, hv.since, hv.shown_at, hv.detail = phase, now, now, ""
             # a plain log hears of a long phase once it is seen to go on (tick)
             hv.announced = self.tty or phase not in _LOGGED
 
@@ -250,10 +260,32 @@ class LiveView:
             for hv in self.hosts.values():
                 table.add_row(Text(hv.name, style="cyan"), Text(hv.phase, style="bold"),
                               duration(now - hv.since),
-                              Text(_WHAT.get(hv.phase, ""), style="dim"))
+                              Text(hv.detail or _WHAT.get(hv.phase, ""), style="dim"))
                 for tv in hv.tasks.values():
                     table.add_row("", Text(f"  {tv.name}"), _bar(tv), tv.text())
             return table
+
+
+def size(n: float) -> str:
+    """Bytes as docker prints them (decimal units)."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def pull_text(p: dict[str, Any]) -> str:
+    """e.g. "1.2 GB of 8.5 GB, 45.0 MB/s, 3/7 layers" (attempt 2: said)."""
+    done, total = int(p.get("done_bytes") or 0), int(p.get("total_bytes") or 0)
+    seconds = float(p.get("seconds") or 0.0)
+    parts = [f"{size(done)} of {size(total)}" if total else f"{size(done)}"]
+    if done and seconds > 0:
+        parts.append(f"{size(done / seconds)}/s")
+    if p.get("layers"):
+        parts.append(f"{int(p.get('layers_done') or 0)}/{int(p['layers'])} layers")
+    if int(p.get("attempt") or 1) > 1:
+        parts.append(f"attempt {int(p['attempt'])}")
+    return ", ".join(parts)
 
 
 def _bar(tv: TaskView, width: int = 20) -> str:

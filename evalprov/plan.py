@@ -28,7 +28,7 @@ from evalprov.config.models import (
 from evalprov.config.tasks import TaskInfo, task_table
 from evalprov.errors import PlanError
 from evalprov.harness import ENDPOINT_TYPES, PARAM_KEYS, run_config
-from evalprov.secrets import plain_literals
+from evalprov.secrets import plain_literals, secret_specs
 
 # Where a task's directory is seen by the harness in its container; the role rewrites
 # config.output_dir for the process runtime.
@@ -365,6 +365,20 @@ def _env_names(*maps: dict) -> tuple[str, ...]:
     return tuple(sorted(names))
 
 
+def server_env(config: Config, dep: VllmDeployment
+               ) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...], dict[str, str]]:
+    """The servers' environment: every variable's name, the plain literals (name, value),
+    and, as part of the spec, how their secrets travel (docker: in a root-only file in
+    memory that the container mounts, never in its config)."""
+    specs = {**config.env_vars, **dep.env_vars}
+    names = _env_names(config.env_vars, dep.env_vars,
+                       dict.fromkeys([apikey.VLLM_ENV] if dep.exposed else []))
+    literals = tuple(sorted(plain_literals(specs).items()))
+    secret = bool(secret_specs(specs)) or dep.exposed
+    docker = config.execution.runtime == "docker"
+    return names, literals, {"secrets": "memory-file"} if secret and docker else {}
+
+
 def plan_instances(config: Config, host: HostFacts, api_key_id: str = ""
                    ) -> tuple[Instance, ...]:
     dep = config.deployment
@@ -375,9 +389,7 @@ def plan_instances(config: Config, host: HostFacts, api_key_id: str = ""
     check_host_fits(host, need, count, dep, isinstance(config.execution, SlurmExecution))
     model = model_source(dep, runtime)
     mounts = mounts_for(model, config.execution.hf_cache_dir, runtime)
-    env_names = _env_names(config.env_vars, dep.env_vars,
-                           dict.fromkeys([apikey.VLLM_ENV] if dep.exposed else []))
-    literals = tuple(sorted(plain_literals({**config.env_vars, **dep.env_vars}).items()))
+    env_names, literals, delivery = server_env(config, dep)
     out = []
     for i in range(count):
         port = dep.port + i
@@ -401,6 +413,7 @@ def plan_instances(config: Config, host: HostFacts, api_key_id: str = ""
             runtime=runtime,
             **({"process_env": env} if env else {}),
             **({"api_key": api_key_id} if api_key_id else {}),
+            **delivery,
         )
         out.append(
             Instance(host.name, i, name, port, gpus, argv, dep.image, model, mounts,
@@ -770,9 +783,7 @@ def plan_group(config: Config, name: str, mode: str, members: list[HostFacts], g
     runtime = config.execution.runtime
     model = model_source(dep, runtime)
     mounts = mounts_for(model, config.execution.hf_cache_dir, runtime)
-    env_names = _env_names(config.env_vars, dep.env_vars,
-                           dict.fromkeys([apikey.VLLM_ENV] if dep.exposed else []))
-    literals = tuple(sorted(plain_literals({**config.env_vars, **dep.env_vars}).items()))
+    env_names, literals, delivery = server_env(config, dep)
     port = DP_RPC_PORT if mode == "data-parallel" else RAY_PORT
     what = "data-parallel rpc port" if mode == "data-parallel" else "Ray port"
     for token in shlex.split(dep.extra_args):
@@ -828,6 +839,7 @@ def plan_group(config: Config, name: str, mode: str, members: list[HostFacts], g
             role=role, rank=rank,
             **({"process_env": env} if env else {}),
             **({"api_key": api_key_id} if api_key_id else {}),
+            **delivery,
         )
         out[h.name] = (Instance(
             h.name, 0, container_name(0), dep.port if role == "head" else 0, gpu_ids, argv,

@@ -23,7 +23,8 @@ LOG_TAIL = 40
 WIDTH = 900  # the SVG's drawing width
 LANE = 22  # one timeline row
 LABEL = 170  # room for the row labels
-COLORS = {"probe": "#9aa5b1", "pull": "#6c8ebf", "install": "#8e7cc3", "start": "#e69138",
+COLORS = {"probe": "#9aa5b1", "queue": "#cfd8dc", "pull": "#6c8ebf", "install": "#8e7cc3",
+          "start": "#e69138",
           "healthy": "#f1c232", "samples": "#b4a7d6", "eval": "#93c47d", "fetch": "#76a5af",
           "task": "#38761d", "failed": "#cc0000"}
 

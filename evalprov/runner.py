@@ -181,6 +181,9 @@ class Progress:
             progress = (data.get("res") or {}).get("evalprov_eval_progress")
             if isinstance(progress, dict):
                 self.live.samples(host, progress)
+            pulled = (data.get("res") or {}).get("evalprov_pull_progress")
+            if isinstance(pulled, dict):
+                self.live.pulled(host, pulled)
             self.live.tick(host)
         if kind in ("runner_on_ok", "runner_on_failed") and host:
             res = data.get("res") or {}

@@ -139,8 +139,11 @@ class Job:
         return f"{self.dir}/lib"
 
 
-def make_job(p, exe: SlurmExecution, inputs, tasks: list[dict[str, Any]]) -> Job:
-    """p: the plan (its one host is the cluster), tasks: the task actions to run now."""
+def make_job(p, exe: SlurmExecution, inputs, tasks: list[dict[str, Any]],
+             facts: dict[str, Any] | None = None) -> Job:
+    """p: the plan (its one host is the cluster), tasks: the task actions to run now,
+    facts: what the driver reads on its node for the reproducibility record
+    (decide.provenance_spec)."""
     directory = job_dir(exe, inputs.run_id)
     name = job_name(exe, inputs.owner)
     argv = ("sbatch", "--parsable", *sbatch_options(exe, directory, name, p.device))
@@ -155,6 +158,7 @@ def make_job(p, exe: SlurmExecution, inputs, tasks: list[dict[str, Any]]) -> Job
         "group": group_spec(exe, inputs.config.deployment, inst),
         "tasks": tasks, "sbatch_argv": list(argv), "resumes_left": resumes(exe),
         "walltime": walltime_seconds(exe.walltime), "signal_lead": signal_lead(exe),
+        "provenance": facts or {},
     }
     script = render_script({
         "options": argv[2:], "job_dir": directory, "lib": f"{directory}/lib",

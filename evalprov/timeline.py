@@ -15,8 +15,11 @@ from typing import Any
 # "Component | action" task names (STYLE.md) -> the phase they belong to
 _PHASES = {"Preflight": "probe", "Image": "pull", "VLLM": "start", "Health": "healthy"}
 _EVAL = (("Install", "install"), ("Ship", "samples"), ("Run", "eval"), ("Fetch", "fetch"))
-# the order a host goes through them (the report draws them so)
-ORDER = ("probe", "pull", "install", "start", "healthy", "samples", "eval", "fetch")
+# the order a host goes through them (the report draws them so); "queue": a Slurm job
+# waiting for its nodes
+ORDER = ("probe", "queue", "pull", "install", "start", "healthy", "samples", "eval", "fetch")
+# a Slurm job driver's phases (its state.json) -> the timeline's
+_JOB = {"starting": "start", "loading": "healthy", "evaluating": "eval"}
 _RESULTS = {"runner_on_ok": "ok", "runner_on_failed": "failed",
             "runner_on_unreachable": "unreachable"}
 
@@ -26,6 +29,8 @@ def phase_of(task: str) -> str | None:
     if not sep:
         return None
     head = head.strip()
+    if head == "Slurm":  # the job's own phases come from its state (Timeline.job)
+        return "fetch" if rest.strip().startswith("Fetch") else None
     if head == "Eval":
         return next((p for word, p in _EVAL if rest.strip().startswith(word)), "eval")
     return _PHASES.get(head)
@@ -57,6 +62,7 @@ class Timeline:
         self.handler = handler
         self.spans: dict[tuple[str, str], Span] = {}
         self.provenance: dict[str, dict[str, Any]] = {}
+        self.submitted: dict[str, float | None] = {}  # when a Slurm job was submitted
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.handler, name)
@@ -72,12 +78,21 @@ class Timeline:
         status = _RESULTS.get(event.get("event", ""))
         data = event.get("event_data") or {}
         host = data.get("host")
-        phase = phase_of(str(data.get("task") or ""))
-        if status is None or not host or phase is None:
+        if status is None or not host:
             return
+        task = str(data.get("task") or "")
         res = data.get("res") or {}
-        if isinstance(res, dict) and isinstance(res.get("provenance"), dict):
+        if not isinstance(res, dict):
+            res = {}
+        if isinstance(res.get("provenance"), dict):
             self.provenance[host] = res["provenance"]
+        if task.startswith("Slurm | Submit"):
+            self.submitted[host] = _stamp(data.get("end"))
+        if res.get("evalprov_slurm_state") and isinstance(res.get("timeline"), dict):
+            self.job(host, res["timeline"])
+        phase = phase_of(task)
+        if phase is None:
+            return
         if status == "failed" and data.get("ignore_errors"):
             status = "ok"
         start, end = _stamp(data.get("start")), _stamp(data.get("end"))
@@ -91,6 +106,24 @@ class Timeline:
             span.finished = end
         if status != "ok":
             span.status = status
+
+    def job(self, host: str, tl: dict[str, Any]) -> None:
+        """A Slurm job's last look (evalprov_slurm poll): its queue wait (submitted ->
+        started on its node), then each of its driver's phases until the next one."""
+        started, ended = _stamp(tl.get("started")), _stamp(tl.get("ended"))
+        marks = [("starting", started)] + [
+            (str(p.get("phase")), _stamp(p.get("at"))) for p in tl.get("phases") or []
+            if isinstance(p, dict)]
+        for i, (name, at) in enumerate(marks):
+            kind = _JOB.get(name)
+            then = marks[i + 1] if i + 1 < len(marks) else ("", ended)
+            if kind is None or at is None or then[1] is None:
+                continue
+            self.spans[(host, kind)] = Span(at, then[1],
+                                            "failed" if then[0] == "failed" else "ok")
+        submitted = self.submitted.get(host)
+        if submitted is not None and started is not None:
+            self.spans[(host, "queue")] = Span(submitted, max(submitted, started))
 
     def rows(self) -> list[tuple[str, str, float | None, float | None, str]]:
         """(host, phase, started, finished, status), for the ledger."""

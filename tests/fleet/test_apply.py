@@ -242,15 +242,26 @@ def test_secret_env_reaches_the_server_and_no_file_evalprov_writes(fleet3, tmp_p
                           deployment__env_vars={"HF_TOKEN": "host:EVALPROV_TEST_HF_TOKEN"})
     _, _, _run_dir, code, text = run_apply(config, inv, limit="h3")
     assert code == 0, text
-    env = containers(fleet, "h3")["evalprov-vllm-0"]["env"]
-    assert f"HF_TOKEN={SECRET}" in env
+    # the server's process has it; the container's config (docker inspect) does not
+    environ = _out(fleet.docker("h3", "exec", "evalprov-vllm-0", "cat", "/proc/1/environ"))
+    assert f"HF_TOKEN={SECRET}" in environ.split("\0")
+    assert SECRET not in _out(fleet.docker("h3", "inspect", "evalprov-vllm-0"))
     assert SECRET not in text
     leaked = [p for p in (tmp_path / "out").rglob("*")
               if p.is_file() and SECRET.encode() in p.read_bytes()]
     assert leaked == []
-    # the host side: evalprov's files and the process list
-    assert SECRET not in _out(fleet.exec("h3", ["sh", "-c", "grep -r . /var/lib/evalprov "
-                                                "2>/dev/null; ps auxww"], check=False))
+    # the host side: evalprov's files, dockerd's state on disk and the process list; the
+    # value is in one root-only file in memory, which the container mounts
+    held = "/run/evalprov/evalprov-vllm-0.secrets.json"
+    found = _out(fleet.exec("h3", ["sh", "-c", f"grep -rlF -- {SECRET} /var/lib/evalprov "
+                                   "/var/lib/docker /run /root /tmp 2>/dev/null; true"]))
+    assert found.split() == [held]
+    assert _out(fleet.exec("h3", ["stat", "-c", "%a %U", held])).split() == ["600", "root"]
+    assert SECRET not in _out(fleet.exec("h3", ["ps", "auxww"]))
+    # destroy removes the file with the container
+    assert cli("destroy", str(config), "-i", str(inv), "--limit", "h3").returncode == 0
+    assert _out(fleet.exec("h3", ["sh", "-c", f"ls {held} 2>&1; true"])).strip().endswith(
+        "No such file or directory")
 
 
 def test_missing_secret_is_an_error_before_anything_starts(fleet3, tmp_path, monkeypatch):

@@ -218,8 +218,9 @@ def test_secrets_passed_every_way_and_the_api_key_of_an_opened_api_leave_no_valu
     harness scores with the key (the server refuses requests without it), and no value is in
     any file under the output_dir (ledger, lock, ansible artifacts, results), on the hosts'
     disks, in any process's argv, in the docker CLI's or Ansible's environment, or in any
-    harness container's config, during the run or after it; the servers' own environment
-    and container config hold the deployment's values only."""
+    container's config (servers included), during the run or after it; the servers' own
+    environment, and the root-only file in memory each reads it from, hold the deployment's
+    values only."""
     from evalprov import apikey
     from evalprov.apply import output_root, owner_id
     from evalprov.config.loader import load_config as load
@@ -292,16 +293,10 @@ def test_secrets_passed_every_way_and_the_api_key_of_an_opened_api_leave_no_valu
     harness = [c for c in seen["inspect"]
                if (c["Config"]["Labels"] or {}).get("evalprov.managed") == "eval"]
     assert harness, "no harness container was seen running"
-    for c in seen["inspect"]:
+    for c in seen["inspect"]:  # servers too: they read theirs from a file in memory
         blob = json.dumps(c)
-        server = (c["Config"]["Labels"] or {}).get("evalprov.managed") == "true"
         for v in values:
-            if server and v in (hosted, override, key):  # the server's own environment
-                assert v not in json.dumps({k: x for k, x in c.items() if k != "Config"})
-                assert v not in json.dumps({k: x for k, x in c["Config"].items()
-                                            if k != "Env"})
-            else:
-                assert v not in blob, (c["Name"], values.index(v))
+            assert v not in blob, (c["Name"], values.index(v))
     # no process's argv held a value; only processes in containers held one in their
     # environment (the servers, and the harness while it ran), never the docker CLI,
     # Ansible's modules or sshd on the hosts, nor ansible-playbook on the controller
@@ -317,14 +312,18 @@ def test_secrets_passed_every_way_and_the_api_key_of_an_opened_api_leave_no_valu
     assert list((tmp_path / "out").glob("*/ansible/artifacts/*"))  # the artifacts were read
     for h in fleet.hosts:
         for v in values:
-            # docker keeps a server container's environment in its own state (config.v2.json,
-            # the OCI spec under /run): that is where a container's environment lives; the
-            # task-only values must not be there either
-            where = "/var/lib/evalprov /tmp /root /run/evalprov" + (
-                " /run /var/lib/docker" if v in task_only else "")
-            found = fleet.exec(h.name, ["sh", "-c", f"grep -rlF -- {v} {where} 2>/dev/null; "
-                                        "true"], timeout=120)
-            assert found.stdout.decode().split() == [], (h.name, values.index(v))
+            # the deployment's values are in one root-only file in memory per server
+            # (/run is a tmpfs), which its container mounts; nowhere else, not in dockerd's
+            # state on disk
+            found = fleet.exec(h.name, ["sh", "-c", f"grep -rlF -- {v} /var/lib/evalprov "
+                                        "/tmp /root /run /var/lib/docker 2>/dev/null; true"],
+                               timeout=120)
+            held = [] if v in task_only else [
+                f"/run/evalprov/{c}.secrets.json" for c in fleet.docker(
+                    h.name, "ps", "--filter", "label=evalprov.managed=true", "--format",
+                    "{{.Names}}").stdout.decode().split()]
+            assert sorted(found.stdout.decode().split()) == sorted(held), (
+                h.name, values.index(v))
         # ps auxeww: the task-only values are gone with the tasks; the others are held by
         # the servers only (in their containers)
         for p in holders(fleet, h.name, values):

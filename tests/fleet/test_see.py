@@ -40,6 +40,22 @@ def test_the_record_matches_the_hosts_and_gpu_hours_the_ledger(eval_fleet, tmp_p
     rec = summary["record"]
     ran = sorted({t["host"] for t in summary["tasks"]})
     assert ran, summary["tasks"]
+    # the pull was followed in bytes: its last look counted every layer of the image, and
+    # every byte of those it downloaded (the looks before it are the live view's updates)
+    pulled = {}
+    for path in run_dir.glob("ansible/artifacts/*/job_events/*.json"):
+        event = json.loads(path.read_text())
+        data = event.get("event_data") or {}
+        if event.get("event") == "runner_on_ok" and str(data.get("task", "")).startswith(
+                "Image | Follow the pull"):
+            pulled[data["host"]] = data["res"]["evalprov_pull_progress"]
+    assert set(pulled) == {h.name for h in fleet.hosts}, pulled
+    for host, look in pulled.items():
+        inspect = json.loads(fleet.docker(host, "image", "inspect", STANDIN_IMAGE).stdout)[0]
+        assert look["layers"] == len(inspect["RootFS"]["Layers"]), look
+        assert look["layers_done"] == look["layers"], look
+        assert look["done_bytes"] == look["total_bytes"], look
+        assert 0 < look["total_bytes"] <= inspect["Size"], look  # compressed <= unpacked
     for host in ran:
         inspect = json.loads(fleet.docker(host, "image", "inspect", STANDIN_IMAGE).stdout)[0]
         got = rec["hosts"][host]["image"]

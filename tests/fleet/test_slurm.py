@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -111,6 +112,22 @@ def test_seed_example_runs_as_one_job_and_scores_come_home(cluster, work, tmp_pa
     assert ran == [f"state-{jobs[0]}.json"], ran
     state = json.loads((run_dir / "state.json").read_text())
     assert state["phase"] == "done" and state["job"] == jobs[0]
+    # the record holds the batch node's facts, read by the job beside the tasks
+    host = s["record"]["hosts"]["h1"]
+    node = next(h.name for h in cluster.fleet.hosts
+                if cluster.fleet.exec(h.name, ["hostname"]).stdout.decode().strip()
+                == state["node"])
+    inspect = json.loads(cluster.fleet.docker(node, "image", "inspect", STANDIN_IMAGE).stdout)
+    assert host["image"]["id"] == inspect[0]["Id"], host
+    assert host["vllm_version"] == "0.0.0+evalprov.standin", host
+    assert host["harness"][cluster.eval_image]["versions"]["nemo-evaluator"], host
+    # the job's timeline: its queue wait, the server's start and load, the tasks, the fetch
+    phases = {p["phase"]: p for p in s["timeline"]}
+    assert {"queue", "start", "healthy", "eval", "fetch"} <= set(phases), phases
+    for name in ("queue", "start", "healthy", "eval", "fetch"):
+        assert phases[name]["finished"] >= phases[name]["started"], phases[name]
+        assert phases[name]["status"] == "ok", phases[name]
+    assert phases["healthy"]["started"] <= phases["eval"]["started"] <= phases["fetch"]["started"]
     assert cluster.job(jobs[0])["JobState"] == "COMPLETED"
     assert all(cluster.job(j)["JobState"] == "CANCELLED" for j in jobs[1:])
     print(proc.stderr)
@@ -148,8 +165,29 @@ def test_a_two_node_job_serves_as_a_data_parallel_head_and_a_headless_worker(clu
     srun step of the same job); the head serves only once all four ranks joined, and the
     tasks run against it."""
     local = tmp_path / "results"
-    proc = apply_seed(cluster, work, local, "-o", "execution.num_nodes=2",
-                      "-o", "deployment.data_parallel_size=4")
+    seen: list[str] = []  # docker inspect of every container on the nodes, while it runs
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            for h in cluster.fleet.hosts:
+                out = cluster.fleet.docker(h.name, "ps", "-q", check=False).stdout
+                ids = out.decode().split()
+                if ids:
+                    seen.append(cluster.fleet.docker(h.name, "inspect", *ids,
+                                                     check=False).stdout.decode())
+            stop.wait(0.5)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        proc = apply_seed(cluster, work, local, "-o", "execution.num_nodes=2",
+                          "-o", "deployment.data_parallel_size=4",
+                          "-o", "deployment.env_vars.HF_TOKEN=host:EVALPROV_SLURM_DEP_TOKEN",
+                          env_extra={"EVALPROV_SLURM_DEP_TOKEN": SECRET})
+    finally:
+        stop.set()
+        watcher.join(timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     s = summary(local)
     assert {t["task"]: t["status"] for t in s["tasks"]} == {"ifeval": "succeeded",
@@ -166,6 +204,21 @@ def test_a_two_node_job_serves_as_a_data_parallel_head_and_a_headless_worker(clu
     assert f"joined the data-parallel head at {addr}:29550 with rank(s) 2,3" in worker_log
     assert w["argv"][w["address_at"]] == ""  # the address is the node's, filled in there
     assert cluster.job(state["job"])["NumNodes"] == "2"
+    # the deployment's secret reached head and worker (their servers' environment), read
+    # from a root-only file in memory: never in a container's config
+    head_log = (run_dir / "evalprov-vllm-0.log").read_text()
+    for text in (head_log, worker_log):
+        assert "secret environment names: HF_TOKEN" in text
+    servers = [c for blob in seen for c in json.loads(blob or "[]")
+               if (c["Config"]["Labels"] or {}).get("evalprov.managed") == "true"]
+    assert {c["Name"].rsplit("-", 1)[-1] for c in servers} >= {"w1"}, "no worker was seen"
+    for c in servers:
+        assert SECRET not in json.dumps(c)
+        assert "/run/evalprov-secrets.json" in [m["Destination"] for m in c["Mounts"]]
+    for h in cluster.fleet.hosts:  # the files went with the containers
+        left = cluster.fleet.exec(h.name, ["sh", "-c", "find /dev/shm/evalprov-* "
+                                           "/run/user/*/evalprov-* -type f 2>/dev/null; true"])
+        assert left.stdout.decode().split() == [], h.name
     # the job stopped both members: nothing of it runs on any node; no secret reached a
     # file or a process listing (the worker's come on its srun's stdin)
     for h in cluster.fleet.hosts:

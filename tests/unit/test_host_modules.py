@@ -3,10 +3,13 @@ health module's root-cause line, imported as Ansible imports them (ansible_colle
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -68,3 +71,48 @@ def test_a_server_that_died_is_reported_by_its_decisive_line_in_its_runtimes_wor
         assert "container" not in msg and "vllm serve process exited" in msg
     else:
         assert "container exited, exit code 1" in msg
+
+
+def test_a_secret_file_is_written_in_memory_only_for_its_owner(tmp_path):
+    """The server containers' secrets: 0600 JSON on a tmpfs, rewritten only when the values
+    change; a directory on a disk is refused before any value is written."""
+    shm = Path("/dev/shm")
+    if host.filesystem_of(str(shm)) not in host.MEMORY_FS:
+        pytest.skip("/dev/shm is not a tmpfs here")
+    directory = shm / f"evalprov-test-{os.getpid()}"
+    path = host.secret_file_path("evalprov-vllm-0", str(directory))
+    try:
+        assert host.write_secret_file(path, {"HF_TOKEN": "v1"}, dry=True)
+        assert not os.path.exists(path)
+        assert host.write_secret_file(path, {"HF_TOKEN": "v1"})
+        assert os.stat(path).st_mode & 0o777 == 0o600
+        assert json.loads(Path(path).read_text()) == {"HF_TOKEN": "v1"}
+        assert not host.write_secret_file(path, {"HF_TOKEN": "v1"})  # steady state
+        assert host.write_secret_file(path, {"HF_TOKEN": "v2"})
+        assert host.remove_file(path) and not host.remove_file(path)
+    finally:
+        for p in directory.glob("*"):
+            p.unlink()
+        if directory.exists():
+            directory.rmdir()
+    if host.filesystem_of(str(tmp_path)) in host.MEMORY_FS:
+        return
+    disk = host.secret_file_path("evalprov-vllm-0", str(tmp_path / "d"))
+    with pytest.raises(ValueError, match="not in memory"):
+        host.write_secret_file(disk, {"HF_TOKEN": "v1"})
+    assert not os.path.exists(disk)
+
+
+def test_the_container_reads_its_secrets_from_the_file_and_execs_its_command(tmp_path):
+    values = {"HF_TOKEN": "tok-1", "OTHER_KEY": "x y"}
+    src = tmp_path / "s.json"
+    src.write_text(json.dumps(values))
+    code = "import os, sys; print(os.environ['HF_TOKEN'], os.environ['OTHER_KEY'], sys.argv[1:])"
+    out = subprocess.run([sys.executable, "-c", host.ENV_FROM_FILE, str(src), sys.executable,
+                          "-c", code, "--a", "b"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "tok-1 x y ['--a', 'b']"
+    gone = subprocess.run([sys.executable, "-c", host.ENV_FROM_FILE, str(tmp_path / "none"),
+                           "true"], capture_output=True, text=True, timeout=60)
+    assert gone.returncode == 1
+    assert gone.stderr.startswith("evalprov: the secret environment is gone")

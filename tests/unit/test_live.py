@@ -129,3 +129,44 @@ def test_a_task_that_starts_and_is_skipped_leaves_the_host_in_its_phase():
     p(ev("runner_on_skipped", "h1", "Eval | Install the harness into its venv (process runtime)"))
     assert p.live.hosts["h1"].phase == "healthy"
     assert "installing" not in out.getvalue()
+
+
+def pull_look(done: int, total: int, seconds: float, layers_done: int = 0) -> dict:
+    return {"evalprov_pull_progress": {"image": "vllm/vllm-openai:v0.11.0", "attempt": 1,
+                                       "done_bytes": done, "total_bytes": total,
+                                       "layers": 7, "layers_done": layers_done,
+                                       "seconds": seconds}}
+
+
+def test_a_pull_shows_its_bytes_on_a_terminal_and_in_a_plain_heartbeat():
+    start, follow = ("Image | Pull vllm/vllm-openai:v0.11.0",
+                     "Image | Pull vllm/vllm-openai:v0.11.0, followed until it ends")
+    out, clock = Tty(), Clock()
+    view = LiveView(out, tty=True, clock=clock, start=clock())
+    p = Progress(out=out, live=view)
+    with view:
+        p(ev("runner_on_start", "h1", start))
+        p(ev("runner_on_ok", "h1", start, changed=True, running=True))
+        p(ev("runner_on_start", "h1", follow))
+        clock.now += 20
+        p(ev("runner_retry", "h1", follow, running=True, **pull_look(900_000_000,
+                                                                     8_500_000_000, 20.0, 2)))
+        shown = render(view)
+        assert re.search(r"h1\s+pulling\s+20 s\s+900\.0 MB of 8\.5 GB, 45\.0 MB/s, 2/7 "
+                         r"layers", shown), shown
+    out, clock = io.StringIO(), Clock()
+    p = Progress(out=out, live=LiveView(out, tty=False, clock=clock, start=clock()))
+    with p.live:
+        p(ev("runner_on_start", "h1", start))
+        p(ev("runner_on_ok", "h1", start, changed=True, running=True))
+        p(ev("runner_on_start", "h1", follow))
+        for i in range(1, 41):  # 40 looks, 1 s apart, 100 MB each
+            clock.now += 1
+            p(ev("runner_retry", "h1", follow, running=True,
+                 **pull_look(i * 100_000_000, 4_000_000_000, float(i))))
+        p(ev("runner_on_ok", "h1", follow, running=False, changed=True))
+    lines = [line for line in out.getvalue().splitlines() if " pulling " in line]
+    assert not CONTROL.search(out.getvalue())
+    assert lines[0].endswith("pulling      pulling the vLLM image")
+    assert lines[1].endswith("still pulling, 31 s: 3.1 GB of 4.0 GB, 100.0 MB/s, 0/7 layers")
+    assert len(lines) == 2

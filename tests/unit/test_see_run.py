@@ -276,3 +276,38 @@ def test_auto_export_reads_nels_settings_and_reports_each_destination(tmp_path, 
     assert lines[2].startswith("error: auto_export: export --to mlflow: the tracking server")
     assert lines[2].endswith("`evalprov export r1 --to mlflow -c CONFIG`")
     assert len(lines) == 3
+
+
+def test_a_slurm_jobs_timeline_comes_from_its_submit_and_its_drivers_phases():
+    """The job waits in the queue from its submit (the controller's event) until it starts
+    on its node; its driver's phases give the server's start, its load and the tasks; a
+    phase that ended in failure is marked so; its record facts come with the last look."""
+    from evalprov.timeline import Timeline
+
+    class Handler:
+        def __call__(self, event):
+            return True
+
+    tl = Timeline(Handler())
+
+    def ok(task, res=None, start=None, end=None):
+        tl({"event": "runner_on_ok", "event_data": {
+            "host": "login", "task": task, "res": res or {},
+            "start": start, "end": end}})
+
+    ok("Slurm | Submit the job", {"job": "12"}, "2026-12-02T10:00:00", "2026-12-02T10:00:01")
+    t0 = 1_796_205_601.0  # 2026-12-02T10:00:01Z
+    job = {"started": t0 + 30, "ended": t0 + 200, "phases": [
+        {"phase": "loading", "at": t0 + 31}, {"phase": "evaluating", "at": t0 + 90},
+        {"phase": "failed", "at": t0 + 200}]}
+    ok("Slurm | Follow the job", {"evalprov_slurm_state": True, "timeline": job,
+                                  "provenance": {"vllm_version": "0.11.0"}})
+    ok("Slurm | Fetch each task's results and log", {}, "2026-12-02T10:03:21",
+       "2026-12-02T10:03:25")
+    rows = {phase: (start, end, status) for host, phase, start, end, status in tl.rows()}
+    assert rows["queue"] == (t0, t0 + 30, "ok")
+    assert rows["start"] == (t0 + 30, t0 + 31, "ok")
+    assert rows["healthy"] == (t0 + 31, t0 + 90, "ok")
+    assert rows["eval"] == (t0 + 90, t0 + 200, "failed")
+    assert rows["fetch"][2] == "ok" and rows["fetch"][0] == t0 + 200
+    assert tl.provenance["login"] == {"vllm_version": "0.11.0"}

@@ -724,6 +724,9 @@ def main(argv: list[str] | None = None) -> int:
     args, unknown = parse_args(argv)
     log(f"INFO:     evalprov stand-in for vLLM {VERSION}")
     log(f"INFO:     non-default args: {json.dumps(vars(args))}")
+    # names only: tests check that a secret reached the server without anything showing it
+    names = sorted(k for k in os.environ if any(w in k for w in ("TOKEN", "KEY", "SECRET")))
+    log(f"INFO:     secret environment names: {','.join(names) or '-'}")
     if unknown:
         log(f"INFO:     ignored extra args: {json.dumps(unknown)}")
     log(f"INFO:     NVIDIA_VISIBLE_DEVICES={os.environ.get('NVIDIA_VISIBLE_DEVICES')}")

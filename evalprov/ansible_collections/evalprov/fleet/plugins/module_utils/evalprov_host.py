@@ -8,6 +8,7 @@ import http.client
 import json
 import os
 import socket
+import time
 import urllib.parse
 import urllib.request
 
@@ -242,6 +243,85 @@ def health(port, health_path, served, api_key=None):
     return True, ""
 
 
+# ---------------------------------------------------------------------------- secrets in memory
+
+# A server container's secret environment never goes into its config (docker inspect, and
+# dockerd's config.v2.json on disk): it is a JSON file on a tmpfs, readable by root only,
+# mounted read-only at SECRETS_IN_CONTAINER; ENV_FROM_FILE, run in the container before
+# its command, puts it into the environment and execs the command (argv[2:]).
+MEMORY_DIR = "/run/evalprov"
+SECRETS_IN_CONTAINER = "/run/evalprov-secrets.json"
+ENV_FROM_FILE = (
+    "import json, os, sys\n"
+    "try:\n"
+    "    f = open(sys.argv[1])\n"
+    "except OSError as e:\n"
+    "    sys.exit('evalprov: the secret environment is gone (' + e.strerror + '; the host "
+    "rebooted?): run evalprov apply again')\n"
+    "os.environ.update(json.load(f))\n"
+    "os.execvp(sys.argv[2], sys.argv[2:])\n")
+MEMORY_FS = ("tmpfs", "ramfs")
+
+
+def filesystem_of(path):
+    """The type of the filesystem holding path (its longest mount point in mountinfo)."""
+    path = os.path.realpath(path)
+    best, kind = "", ""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                point = left.split()[4].replace("\\040", " ")
+                inside = path == point or path.startswith(point.rstrip("/") + "/")
+                if inside and len(point) >= len(best):
+                    best, kind = point, right.split()[0]
+    except (OSError, IndexError):
+        return ""
+    return kind
+
+
+def secret_file_path(name, directory=MEMORY_DIR):
+    return os.path.join(directory, f"{name}.secrets.json")
+
+
+def write_secret_file(path, values, dry=False):
+    """values (a dict of str) as JSON in path, 0600, on a filesystem in memory only; True
+    when the file changed (dry: would change, nothing written). Raises ValueError when
+    path's filesystem is on a disk."""
+    directory = os.path.dirname(path)
+    if not dry:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+    kind = filesystem_of(directory if os.path.isdir(directory) else os.path.dirname(directory))
+    if kind not in MEMORY_FS:
+        raise ValueError(f"{directory} is on {kind or 'an unknown filesystem'}, not in memory "
+                         "(tmpfs): evalprov never writes a secret to a disk; mount a tmpfs "
+                         f"on {directory}")
+    data = json.dumps({str(k): str(v) for k, v in sorted(values.items())}).encode()
+    try:
+        st = os.stat(path)
+        with open(path, "rb") as f:
+            if f.read() == data and st.st_mode & 0o777 == 0o600:
+                return False
+    except OSError:
+        pass
+    if dry:
+        return True
+    tmp = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+    return True
+
+
+def remove_file(path):
+    try:
+        os.unlink(path)
+        return True
+    except FileNotFoundError:
+        return False
+
+
 # ---------------------------------------------------------------------------- what a run starts
 
 
@@ -261,6 +341,84 @@ def read_pid(path):
     except (OSError, ValueError):
         return {}
     return rec if isinstance(rec, dict) else {}
+
+
+def write_json(path, data):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f)
+    os.replace(tmp, path)
+
+
+def read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def start_detached(run_dir, files, work, what):
+    """Run work() (returning a result dict) detached from the calling module: its own
+    session, no inherited descriptors, stdio on /dev/null; files = (pid, progress, result)
+    names in run_dir (the old progress and result are removed first). Returns its pid once
+    its pid file is written."""
+    pid_name, progress, result_name = files
+    os.makedirs(run_dir, mode=0o700, exist_ok=True)
+    for name in (progress, result_name):
+        if os.path.exists(os.path.join(run_dir, name)):
+            os.unlink(os.path.join(run_dir, name))
+    ready_r, ready_w = os.pipe()
+    child = os.fork()
+    if child:
+        os.close(ready_w)
+        os.waitpid(child, 0)
+        with os.fdopen(ready_r, "rb") as ready:
+            pid = ready.read().decode() or "0"
+        return int(pid)
+    try:  # the intermediate child: a new session, then the runner, then gone
+        os.close(ready_r)
+        os.setsid()
+        if os.fork():
+            os._exit(0)
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        os.closerange(3, ready_w)
+        os.closerange(ready_w + 1, 65536)
+        write_pid(os.path.join(run_dir, pid_name), os.getpid())
+        os.write(ready_w, str(os.getpid()).encode())
+        os.close(ready_w)
+        try:
+            result = work()
+        except BaseException as exc:  # the controller must hear of it
+            result = {"failed": True, "msg": f"{what} failed: {type(exc).__name__}: {exc}"}
+        write_json(os.path.join(run_dir, result_name), result)
+    finally:
+        os._exit(0)
+
+
+def poll_detached(run_dir, files, key, lost, wait=2.0, interval=0.2):
+    """A detached runner's state (start_detached), waiting up to `wait` seconds for it to
+    end: running (with its progress under `key`), or its result; failed (message `lost`)
+    when it stopped without one."""
+    pid_name, progress_name, result_name = files
+    deadline = time.monotonic() + wait
+    while True:
+        result = read_json(os.path.join(run_dir, result_name))
+        progress = read_json(os.path.join(run_dir, progress_name)) or {}
+        if result is None:
+            rec = read_pid(os.path.join(run_dir, pid_name))
+            if not rec or not is_ours(rec):
+                # it may have written its result just now
+                result = read_json(os.path.join(run_dir, result_name))
+                if result is None:
+                    return {"failed": True, "running": False, key: progress, "msg": lost}
+        if result is not None:
+            return {**result, "running": False, key: progress}
+        if time.monotonic() >= deadline:
+            return {"changed": False, "running": True, key: progress}
+        time.sleep(interval)
 
 
 def stop_group(pid, grace=10.0):

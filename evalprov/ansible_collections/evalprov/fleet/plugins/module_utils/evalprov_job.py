@@ -10,7 +10,8 @@ Started by the job script as
 with JOB_DIR/lib on PYTHONPATH. Everything it does comes from JOB_DIR/job.json, written by
 evalprov: no value is ever read by a shell. Secret values come from JOB_DIR/secrets.json
 (0600), read and deleted before anything starts; they reach vLLM and the harness only
-through the environment.
+through the environment (a server container reads them from a root-only file in memory,
+never from its config).
 
 Progress is JOB_DIR/state.json (rewritten atomically), read by evalprov_slurm on the login
 node. SIGUSR1 (the time limit is near) and SIGTERM (scancel, preemption, the limit itself) stop the
@@ -36,23 +37,23 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from ansible_collections.evalprov.fleet.plugins.module_utils.evalprov_host import (
+    ENV_FROM_FILE,
+    SECRETS_IN_CONTAINER,
     decisive_line,
     health,
+    provenance,
     read_pid,
+    remove_file,
+    secret_file_path,
     stop_group,
+    write_json,
     write_pid,
+    write_secret_file,
 )
 from ansible_collections.evalprov.fleet.plugins.module_utils.evalprov_tasks import (
     run_one,
     tail,
 )
-
-
-def write_json(path, data):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f)
-    os.replace(tmp, path)
 
 
 def read_json(path, default=None):
@@ -70,6 +71,14 @@ def take_secrets(job_dir):
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
     return data if isinstance(data, dict) else {}
+
+
+def memory_dir():
+    """Where this job keeps its server containers' secrets: a directory of the job's user
+    in memory (/run/user/UID when the node has it, else /dev/shm)."""
+    uid = os.getuid()
+    base = f"/run/user/{uid}" if os.path.isdir(f"/run/user/{uid}") else "/dev/shm"
+    return os.path.join(base, f"evalprov-{uid}")
 
 
 def visible_gpus(planned):
@@ -98,6 +107,8 @@ class Job:
         self.timed_out = False
         self.lock = threading.Lock()
         self.server = None  # Popen (process runtime) or container name (docker)
+        self.secret_file = ""  # the server container's secrets, in memory (docker)
+        self.server_log_path = ""  # where its output is kept once it stops
         self.workers = []  # (worker spec, node, srun Popen): the other nodes of a group
         self.state = {"job": self.job_id, "node": os.uname().nodename, "phase": "starting",
                       "message": "", "tasks": {}, "started": time.time()}
@@ -111,6 +122,10 @@ class Job:
     # -------------------------------------------------------------------- state
     def save(self, **changes):
         with self.lock:
+            if changes.get("phase") and changes["phase"] != self.state.get("phase"):
+                # the job's timeline (the node's clock): when each phase began
+                self.state.setdefault("phases", []).append(
+                    {"phase": changes["phase"], "at": round(time.time(), 3)})
             self.state.update(changes)
             self.state["updated"] = time.time()
             write_json(os.path.join(self.dir, f"state-{self.job_id or 'local'}.json"), self.state)
@@ -152,6 +167,7 @@ class Job:
         """member: "" the job's one server or a group's head; "w<N>" a group's worker."""
         runtime = self.spec["runtime"]
         log_path = os.path.join(self.dir, f"{inst['name']}{'.' + member if member else ''}.log")
+        self.server_log_path = log_path
         secret = {k: str(v) for k, v in (self.secrets.get("deployment_env") or {}).items()}
         if runtime == "process":
             venv = self.spec["vllm_venv"]
@@ -173,8 +189,19 @@ class Job:
         docker = shutil.which("docker") or "docker"
         name = f"evalprov-slurm-{self.job_id or os.getpid()}-{inst['name']}"
         name += f"-{member}" if member else ""
+        # the secrets: a root-only file in memory the container reads (never its config)
+        entry = [inst["entrypoint"][0]]
+        if secret:
+            self.secret_file = secret_file_path(name, memory_dir())
+            try:
+                write_secret_file(self.secret_file, secret)
+            except ValueError as exc:  # no directory in memory: the value stays off the disk
+                raise RuntimeError(str(exc)) from None
+            entry = ["python3", "-c", ENV_FROM_FILE, SECRETS_IN_CONTAINER, *entry]
         argv = [docker, "run", "-d", "--name", name, "--network", "host", "--ipc", "host",
-                "--entrypoint", inst["entrypoint"][0]]
+                "--entrypoint", entry[0]]
+        if secret:
+            argv += ["-v", f"{self.secret_file}:{SECRETS_IN_CONTAINER}:ro"]
         for key, value in sorted(inst["labels"].items()):
             argv += ["--label", f"{key}={value}"]
         argv += ["--label", f"evalprov.slurm_job={self.job_id}"]
@@ -184,10 +211,9 @@ class Job:
             argv += ["-v", vol]
         env = dict(os.environ)
         env.update({k: str(v) for k, v in inst["env"].items()})
-        env.update(secret)
-        for key in sorted({*inst["env"], *secret}):
+        for key in sorted(inst["env"]):
             argv += ["-e", key]  # the value comes from this process's environment
-        argv += [inst["image"], *inst["command"]]
+        argv += [inst["image"], *entry[1:], *inst["command"]]
         with open(log_path, "ab") as log:
             proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=log, env=env,
                                   check=False, timeout=3600)
@@ -284,8 +310,15 @@ class Job:
             server.wait()
         elif server:
             docker = shutil.which("docker") or "docker"
+            if self.server_log_path:  # the container's own output, before it goes
+                with open(self.server_log_path, "ab") as log:
+                    subprocess.run([docker, "logs", "--tail", "2000", server], stdout=log,
+                                   stderr=subprocess.STDOUT, check=False, timeout=60)
             subprocess.run([docker, "rm", "-f", server], capture_output=True, check=False,
                            timeout=60)
+        if self.secret_file:
+            remove_file(self.secret_file)
+            self.secret_file = ""
 
     def wait_healthy(self, inst):
         deadline = time.monotonic() + int(self.spec["health_timeout"])
@@ -400,8 +433,19 @@ class Job:
                 self.save(phase="failed", message=problem)
                 return 1
         self.save(phase="evaluating", message=f"{len(pending)} task(s)")
-        with ThreadPoolExecutor(max_workers=max(1, int(self.spec["concurrency"]))) as pool:
-            list(pool.map(self.run_task, pending))
+        # the reproducibility record's facts of this node (image, /version, model, harness),
+        # read beside the tasks as the eval module does on a host
+        with ThreadPoolExecutor(max_workers=1) as side:
+            facts = side.submit(provenance, self.spec["provenance"]) \
+                if self.spec.get("provenance") else None
+            with ThreadPoolExecutor(max_workers=max(1, int(self.spec["concurrency"]))) as pool:
+                list(pool.map(self.run_task, pending))
+            if facts is not None:
+                try:
+                    record = facts.result()
+                except Exception as exc:  # a record is never worth failing the tasks for
+                    record = {"error": f"{type(exc).__name__}: {exc}"}
+                self.save(provenance=record)
         return 0
 
 
@@ -463,10 +507,7 @@ def run_worker(job_dir, index, addr):
         while not stop.is_set() and job.server_alive():
             stop.wait(1.0)
     finally:
-        if isinstance(job.server, str):  # the container's own output, before it goes
-            with open(log_path, "a") as log:
-                log.write(job.server_log(inst, 200) + "\n")
-        job.stop_server()
+        job.stop_server()  # the container's own output goes into log_path first
     return 0 if stop.is_set() else 3
 
 

@@ -28,10 +28,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from ansible_collections.evalprov.fleet.plugins.module_utils.evalprov_host import (
-    is_ours,
+    poll_detached,
     provenance,
-    read_pid,
+    start_detached,
     stop_group,
+    write_json,
     write_pid,
 )
 
@@ -180,21 +181,6 @@ class LogProgress:
         return self.done
 
 
-def write_json(path, data):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f)
-    os.replace(tmp, path)
-
-
-def read_json(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
 def run_all(p, every=1.0):
     """Every task of p (at most p["concurrency"] at a time), the record's facts read beside
     them, progress.json rewritten every `every` seconds; returns what the module returns."""
@@ -252,62 +238,14 @@ def start(p):
     """Start run_all(p) detached from the calling process (its own session, no inherited
     descriptors; secret values only in its memory and its children's environment); returns
     once its pid file is written, with its pid."""
-    run_dir = p["run_dir"]
-    os.makedirs(run_dir, mode=0o700, exist_ok=True)
-    for name in (PROGRESS, RESULT):
-        if os.path.exists(os.path.join(run_dir, name)):
-            os.unlink(os.path.join(run_dir, name))
-    ready_r, ready_w = os.pipe()
-    child = os.fork()
-    if child:
-        os.close(ready_w)
-        os.waitpid(child, 0)
-        with os.fdopen(ready_r, "rb") as ready:
-            pid = ready.read().decode() or "0"
-        return int(pid)
-    try:  # the intermediate child: a new session, then the runner, then gone
-        os.close(ready_r)
-        os.setsid()
-        if os.fork():
-            os._exit(0)
-        devnull = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(devnull, fd)
-        os.closerange(3, ready_w)
-        os.closerange(ready_w + 1, 65536)
-        write_pid(os.path.join(run_dir, PID), os.getpid())
-        os.write(ready_w, str(os.getpid()).encode())
-        os.close(ready_w)
-        try:
-            result = run_all(p)
-        except BaseException as exc:  # the controller must hear of it
-            result = {"failed": True, "msg": f"the task runner failed: "
-                      f"{type(exc).__name__}: {exc}"}
-        write_json(os.path.join(run_dir, RESULT), result)
-    finally:
-        os._exit(0)
+    return start_detached(p["run_dir"], (PID, PROGRESS, RESULT), lambda: run_all(p),
+                          "the task runner")
 
 
 def poll(run_dir, wait=2.0, interval=0.2):
     """The detached runner's state, waiting up to `wait` seconds for it to end: running
     (with evalprov_eval_progress), or its result; failed when it stopped without one."""
-    deadline = time.monotonic() + wait
-    while True:
-        result = read_json(os.path.join(run_dir, RESULT))
-        progress = read_json(os.path.join(run_dir, PROGRESS)) or {}
-        if result is not None:
-            return {**result, "changed": False, "running": False,
-                    "evalprov_eval_progress": progress}
-        rec = read_pid(os.path.join(run_dir, PID))
-        if not rec or not is_ours(rec):
-            # it may have written its result just now
-            result = read_json(os.path.join(run_dir, RESULT))
-            if result is not None:
-                return {**result, "changed": False, "running": False,
-                    "evalprov_eval_progress": progress}
-            return {"failed": True, "running": False, "evalprov_eval_progress": progress,
-                    "msg": f"the task runner on the host (pid {rec.get('pid')}) stopped "
-                           f"without a result; see the task logs under {run_dir}"}
-        if time.monotonic() >= deadline:
-            return {"changed": False, "running": True, "evalprov_eval_progress": progress}
-        time.sleep(interval)
+    return {**poll_detached(run_dir, (PID, PROGRESS, RESULT), "evalprov_eval_progress",
+                            "the task runner on the host stopped without a result; see the "
+                            f"task logs under {run_dir}", wait, interval),
+            "changed": False}  # the start made the change

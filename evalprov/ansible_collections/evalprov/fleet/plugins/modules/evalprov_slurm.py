@@ -162,7 +162,12 @@ def poll(p):
     return {"evalprov_slurm_state": True, "running": running, "jobs": jobs,
             "phase": driver.get("phase", "queued"), "message": driver.get("message", ""),
             "node": driver.get("node"), "tasks": tasks, "evalprov_eval_progress": progress,
-            "archives": archives}
+            "archives": archives,
+            # the job's own timeline (the node's clock) and the node's facts for the record
+            "timeline": {"started": driver.get("started"), "ended": driver.get("ended"),
+                         "phases": driver.get("phases") or []},
+            **({"provenance": driver["provenance"]}
+               if isinstance(driver.get("provenance"), dict) else {})}
 
 
 def cancel(p):

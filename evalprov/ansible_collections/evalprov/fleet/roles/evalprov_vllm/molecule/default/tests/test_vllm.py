@@ -1,6 +1,7 @@
 """evalprov_vllm on a fleet host with 4 GPUs: exactly the planned containers run, each with the
 planned argv (as its process sees it), its GPUs (NVIDIA_VISIBLE_DEVICES), its spec-hash
-label and the secret from evalprov_secrets_file in its environment."""
+label and the secret from evalprov_secrets_file in its environment, which its config (docker
+inspect) does not hold: the container reads it from a root-only file in memory."""
 
 import json
 import os
@@ -38,7 +39,11 @@ def test_exactly_the_planned_containers_exist(host):
 def test_container_runs_the_planned_argv_gpus_and_spec_hash(host, inst):
     info = json.loads(host.check_output(f"docker inspect {inst['name']}"))[0]
     assert info["State"]["Running"]
-    assert [*info["Config"]["Entrypoint"], *info["Config"]["Cmd"]] == inst["argv"]
+    secret_file = f"/run/evalprov/{inst['name']}.secrets.json"
+    # the secrets' reader, then the planned argv
+    entry = info["Config"]["Entrypoint"]
+    assert entry[:2] == ["python3", "-c"] and entry[3] == "/run/evalprov-secrets.json"
+    assert [*entry[4:], *info["Config"]["Cmd"]] == inst["argv"]
     assert info["Config"]["Image"] == inst["image"]
     labels = info["Config"]["Labels"]
     assert labels["evalprov.spec_hash"] == inst["spec_hash"]
@@ -46,7 +51,12 @@ def test_container_runs_the_planned_argv_gpus_and_spec_hash(host, inst):
     wanted = [inst["device_requests"][0]["device_ids"]]
     assert [d["DeviceIDs"] for d in info["HostConfig"]["DeviceRequests"]] == wanted
     assert info["HostConfig"]["NetworkMode"] == "host"
-    assert info["HostConfig"]["Binds"] == inst["volumes"]
+    assert info["HostConfig"]["Binds"] == [*inst["volumes"],
+                                           f"{secret_file}:/run/evalprov-secrets.json:ro"]
+    for value in secrets().values():
+        assert value not in json.dumps(info)
+    assert host.file(secret_file).mode == 0o600 and host.file(secret_file).user == "root"
+    assert "tmpfs" in host.check_output("stat -f -c %T /run/evalprov")
 
     argv, env = process(host, inst["name"])
     # the stand-in's `vllm` launcher execs python on server.py with vllm's own arguments
