@@ -357,11 +357,12 @@ def _run_locked(loaded, hosts, opts, playbook, secret, per_task, out, ledger, ke
             raise
         result.interrupted = interrupt.hit
     d = decided.get("d")
-    if result.interrupted and d is not None and not opts.check and d.plan.task_runs:
-        if on_slurm:
-            stop_slurm(d, inputs, run_dir, inventories, opts, exe, progress)
-        else:
-            stop_tasks(d, inputs, run_dir, inventories, opts)
+    if result.interrupted and d is not None and not opts.check and on_slurm \
+            and d.plan.task_runs:
+        stop_slurm(d, inputs, run_dir, inventories, opts, exe, progress)
+    elif result.interrupted and d is not None and not opts.check and (
+            d.plan.task_runs or any(a.pull for a in d.checked.hosts.values())):
+        stop_tasks(d, inputs, run_dir, inventories, opts)
     if result.facts:
         write_atomic(run_dir / "facts.json", json.dumps(result.facts, indent=2, sort_keys=True))
     if d is None:  # nothing was decided: no host reached, or a problem stopped the run
@@ -418,16 +419,20 @@ def destroy_slurm(loaded: LoadedConfig, owner: str, provisional: Plan | tuple, r
 
 def stop_tasks(d: Decision, inputs: Inputs, run_dir: Path, inventories: list[str],
                opts: Options) -> None:
-    """After an interrupt: stop the harness processes and containers this run started on
-    the hosts that had tasks, and fetch the results of the tasks that had finished."""
-    hosts = sorted(h.host for h in d.plan.hosts if h.tasks)
-    print(f"interrupted: stopping this run's tasks on {len(hosts)} host(s) and fetching the "
+    """After an interrupt: stop the image pulls, harness processes and containers this run
+    started on the hosts that had them, and fetch the results of the tasks that had
+    finished."""
+    pulls = {h for h, a in d.checked.hosts.items() if a.pull}
+    hosts = sorted({h.host for h in d.plan.hosts if h.tasks} | pulls)
+    what = "pulls and tasks" if pulls else "tasks"
+    print(f"interrupted: stopping this run's {what} on {len(hosts)} host(s) and fetching the "
           "results that had finished", file=sys.stderr)
     try:
         run_playbook("stop.yml", run_dir, inventories, {}, {
             "evalprov_stop_run_dir": f"{d.plan.work_dir}/runs/{inputs.run_id}",
             "evalprov_stop_run_id": inputs.run_id, "evalprov_stop_owner": inputs.owner,
             "evalprov_stop_runtime": d.plan.runtime,
+            "evalprov_stop_image": d.plan.image if pulls and d.plan.runtime == "docker" else "",
             "evalprov_stop_fetch_dir": str(run_dir / "fetch")},
             limit=",".join(hosts), forks=opts.forks)
     except KeyboardInterrupt:  # Ctrl-C during the stop: leave it, the ledger stays right

@@ -128,6 +128,39 @@ def test_two_node_data_parallel_group_serves_the_tasks_and_recovers_a_killed_wor
     assert again.hosts["h1"].changed == 0 and again.hosts["h2"].changed == 0, text3
 
 
+def test_a_member_that_fails_to_start_fails_its_group_at_once(mn_fleet, tmp_path,
+                                                              monkeypatch):
+    """A member that fails before its health wait (here: its secrets would have to go to a
+    directory on a disk, which evalprov refuses) marks the group failed on the others: the
+    head's wait ends with the member's reason instead of waiting for ranks that never
+    come. The secret reaches no container config on the member that did start."""
+    fleet, inv, image = mn_fleet
+    secret = "hf_evalprov_group_secret_5d2c"
+    monkeypatch.setenv("EVALPROV_TEST_GROUP_TOKEN", secret)
+    data = yaml.safe_load(inv.read_text())
+    hosts = next(g["hosts"] for g in data.values() if "hosts" in g)
+    hosts["h2"]["evalprov_vllm_secrets_dir"] = "/var/lib/evalprov/not-in-memory"
+    inv2 = tmp_path / "inventory-h2-on-disk.yml"
+    inv2.write_text(yaml.safe_dump(data))
+    config = write_config(tmp_path, image, [{"name": "ifeval"}], deployment={
+        "data_parallel_size": 4, "env_vars": {"HF_TOKEN": "host:EVALPROV_TEST_GROUP_TOKEN"}},
+        health_check_timeout=600)
+    _, result, _, code, text = run_apply(config, inv2, limit="h1,h2")
+    assert code != 0, text
+    assert "/var/lib/evalprov/not-in-memory is on" in text and "not in memory (tmpfs)" in text
+    # the head's wait ended with the worker's reason (a timeout would say "not healthy")
+    assert "h1: node group group-0 failed: host h2: " in text, text
+    assert "not healthy" not in text, text
+    (rec,) = result.tasks
+    assert rec["status"] == "missing", rec
+    assert container(fleet, "h2", running=False) == []  # nothing half-started there
+    (cid,) = container(fleet, "h1")
+    assert secret not in fleet.docker("h1", "inspect", cid).stdout.decode()
+    assert secret not in fleet.exec("h2", ["sh", "-c", "grep -rlF -- " + secret +
+                                           " /var/lib/evalprov 2>/dev/null; true"]
+                                    ).stdout.decode()
+
+
 def test_four_node_data_parallel_group_comes_up_and_destroy_stops_every_member(mn_fleet,
                                                                               tmp_path):
     import sys

@@ -86,7 +86,7 @@ def test_a_failing_pull_is_retried_then_reported_with_dockers_own_line(fake_dock
     (fake_docker / "fail").write_text("5")
     result = pull_mod.pull("vllm/vllm-openai:v0.11.0", str(run_dir), retries=2, delay=0)
     assert result["failed"] and result["attempts"] == 3
-    assert result["msg"] == ("docker pull vllm/vllm-openai:v0.11.0 failed after 3 attempt(s): "
+    assert result["msg"] == ("docker pull vllm/vllm-openai:v0.11.0 failed after 3 attempts: "
                              'Error response from daemon: Get "https://r/v2/": connection '
                              "refused")
 
@@ -104,3 +104,32 @@ def test_the_detached_pull_is_followed_until_its_result(fake_docker):
     assert look["running"] is False and look["digest"] == DIGEST, look
     assert look["evalprov_pull_progress"]["done_bytes"] == 32_048_000
     assert Path(run_dir, "result.json").exists()
+
+
+def test_an_interrupted_pull_is_stopped_with_its_docker_client(tmp_path, monkeypatch):
+    """After an interrupt evalprov stops the pull it started (state=stop stops the runner's
+    process group): the runner and its `docker pull` are gone, and a poll says so."""
+    import subprocess
+
+    marker = f"evalprov-slow-pull-{os.getpid()}"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "docker").write_text(
+        "#!/bin/bash\nprintf '1111aaaa2222: Downloading [=>  ]  1MB/90MB\\r\\n'\n"
+        f"exec -a {marker} sleep 120\n")
+    (bin_dir / "docker").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    run_dir = str(tmp_path / "slow")
+    pid = host.start_detached(run_dir, pull_mod.FILES, lambda: pull_mod.pull(
+        "vllm/vllm-openai:v0.11.0", run_dir, 0, 0), "the pull")
+    for _ in range(40):  # bounded: the first bytes within 40 looks of 0.25 s
+        look = host.poll_detached(run_dir, pull_mod.FILES, "evalprov_pull_progress", "lost",
+                                  0.25)
+        if look["evalprov_pull_progress"].get("done_bytes"):
+            break
+    assert look["running"] and look["evalprov_pull_progress"]["done_bytes"] == 1_000_000
+    pull_mod.stop(pid)
+    look = host.poll_detached(run_dir, pull_mod.FILES, "evalprov_pull_progress", "lost", 5)
+    assert look.get("failed") and look["msg"] == "lost", look
+    left = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True)
+    assert left.stdout.strip() == "", left.stdout

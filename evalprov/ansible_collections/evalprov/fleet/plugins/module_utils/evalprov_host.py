@@ -289,13 +289,16 @@ def write_secret_file(path, values, dry=False):
     when the file changed (dry: would change, nothing written). Raises ValueError when
     path's filesystem is on a disk."""
     directory = os.path.dirname(path)
-    if not dry:
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-    kind = filesystem_of(directory if os.path.isdir(directory) else os.path.dirname(directory))
+    near = directory  # its nearest existing ancestor holds it once it is made
+    while not os.path.isdir(near) and os.path.dirname(near) != near:
+        near = os.path.dirname(near)
+    kind = filesystem_of(near)
     if kind not in MEMORY_FS:
         raise ValueError(f"{directory} is on {kind or 'an unknown filesystem'}, not in memory "
                          "(tmpfs): evalprov never writes a secret to a disk; mount a tmpfs "
                          f"on {directory}")
+    if not dry:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
     data = json.dumps({str(k): str(v) for k, v in sorted(values.items())}).encode()
     try:
         st = os.stat(path)

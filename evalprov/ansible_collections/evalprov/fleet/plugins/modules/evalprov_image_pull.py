@@ -58,6 +58,7 @@ digest:
   returned: when the pull succeeded
 """
 
+import contextlib
 import fcntl
 import hashlib
 import os
@@ -170,7 +171,15 @@ def pull(image, run_dir, retries, delay):
         if attempt <= retries:
             time.sleep(delay)
     return {"failed": True, "attempts": attempt,
-            "msg": f"docker pull {image} failed after {attempt} attempt(s): {last}"}
+            "msg": f"docker pull {image} failed after {attempt} "
+                   f"attempt{'s' if attempt != 1 else ''}: {last}"}
+
+
+def stop(pid):
+    """The pull's runner and its docker client: the process group the runner is in (the
+    session start_detached made; the runner is not its leader)."""
+    with contextlib.suppress(ProcessLookupError):
+        stop_group(os.getpgid(pid), grace=5.0)
 
 
 def main():
@@ -195,7 +204,7 @@ def main():
                          running=False, evalprov_pull_progress={})
     if p["state"] == "stop":
         if running:
-            stop_group(rec["pid"], grace=5.0)
+            stop(rec["pid"])
         module.exit_json(changed=running, running=False)
     if p["state"] == "poll":
         result = poll_detached(run_dir, FILES, "evalprov_pull_progress",
