@@ -515,7 +515,7 @@ def test_registry_without_the_image_fails_after_the_retries_and_starts_nothing(e
     # quotes docker's own last line
     events = [json.loads(p.read_text()) for p in
               (run_dir / "ansible" / "artifacts").glob("*/job_events/*.json")]
-    attempts = {e["event_data"]["host"]: e["event_data"]["res"].get("attempts")
+    attempts = {e["event_data"]["host"]: e["event_data"]["res"].get("pull_attempts")
                 for e in events if e.get("event") == "runner_on_failed"
                 and str(e["event_data"].get("task", "")).startswith("Image | Follow the pull")}
     assert attempts == {"h1": 4, "h2": 4}, attempts

@@ -139,7 +139,7 @@ def test_a_member_that_fails_to_start_fails_its_group_at_once(mn_fleet, tmp_path
     monkeypatch.setenv("EVALPROV_TEST_GROUP_TOKEN", secret)
     data = yaml.safe_load(inv.read_text())
     hosts = next(g["hosts"] for g in data.values() if "hosts" in g)
-    hosts["h2"]["evalprov_vllm_secrets_dir"] = "/var/lib/evalprov/not-in-memory"
+    hosts["h2"]["evalprov_vllm_secrets_dir"] = "/root/evalprov-not-in-memory"
     inv2 = tmp_path / "inventory-h2-on-disk.yml"
     inv2.write_text(yaml.safe_dump(data))
     config = write_config(tmp_path, image, [{"name": "ifeval"}], deployment={
@@ -147,7 +147,7 @@ def test_a_member_that_fails_to_start_fails_its_group_at_once(mn_fleet, tmp_path
         health_check_timeout=600)
     _, result, _, code, text = run_apply(config, inv2, limit="h1,h2")
     assert code != 0, text
-    assert "/var/lib/evalprov/not-in-memory is on" in text and "not in memory (tmpfs)" in text
+    assert "/root/evalprov-not-in-memory is on" in text and "not in memory (tmpfs)" in text
     # the head's wait ended with the worker's reason (a timeout would say "not healthy")
     assert "h1: node group group-0 failed: host h2: " in text, text
     assert "not healthy" not in text, text
@@ -157,7 +157,7 @@ def test_a_member_that_fails_to_start_fails_its_group_at_once(mn_fleet, tmp_path
     (cid,) = container(fleet, "h1")
     assert secret not in fleet.docker("h1", "inspect", cid).stdout.decode()
     assert secret not in fleet.exec("h2", ["sh", "-c", "grep -rlF -- " + secret +
-                                           " /var/lib/evalprov 2>/dev/null; true"]
+                                           " /var/lib/evalprov /root 2>/dev/null; true"]
                                     ).stdout.decode()
 
 

@@ -59,7 +59,7 @@ def test_a_pull_on_a_terminal_is_read_layer_by_layer_in_bytes(fake_docker):
     run_dir = fake_docker / "pull"
     run_dir.mkdir()
     result = pull_mod.pull("vllm/vllm-openai:v0.11.0", str(run_dir), retries=0, delay=0)
-    assert result == {"changed": True, "digest": DIGEST, "attempts": 1, "bytes": 32_048_000}
+    assert result == {"changed": True, "digest": DIGEST, "pull_attempts": 1, "bytes": 32_048_000}
     view = json.loads((run_dir / "progress.json").read_text())
     # the layer that already existed counts as done and adds no bytes
     assert {k: view[k] for k in ("done_bytes", "total_bytes", "layers", "layers_done")} == {
@@ -82,10 +82,10 @@ def test_a_failing_pull_is_retried_then_reported_with_dockers_own_line(fake_dock
     run_dir.mkdir()
     (fake_docker / "fail").write_text("1")  # the first attempt fails, the second works
     result = pull_mod.pull("vllm/vllm-openai:v0.11.0", str(run_dir), retries=1, delay=0)
-    assert result["attempts"] == 2 and result["digest"] == DIGEST
+    assert result["pull_attempts"] == 2 and result["digest"] == DIGEST
     (fake_docker / "fail").write_text("5")
     result = pull_mod.pull("vllm/vllm-openai:v0.11.0", str(run_dir), retries=2, delay=0)
-    assert result["failed"] and result["attempts"] == 3
+    assert result["failed"] and result["pull_attempts"] == 3
     assert result["msg"] == ("docker pull vllm/vllm-openai:v0.11.0 failed after 3 attempts: "
                              'Error response from daemon: Get "https://r/v2/": connection '
                              "refused")

@@ -52,6 +52,10 @@ evalprov_pull_progress:
   description: image, attempt, done and total bytes, layers and layers done, seconds.
   type: dict
   returned: always
+pull_attempts:
+  description: How many times docker pull ran (once it ended).
+  type: int
+  returned: when the pull ended
 digest:
   description: The pulled image's digest (once it ended).
   type: str
@@ -165,12 +169,12 @@ def pull(image, run_dir, retries, delay):
         if code == 0:
             digest = re.search(r"Digest: (sha256:[0-9a-f]{64})", said)
             return {"changed": "Downloaded newer image" in said,
-                    "digest": digest.group(1) if digest else "", "attempts": attempt,
+                    "digest": digest.group(1) if digest else "", "pull_attempts": attempt,
                     "bytes": view["done_bytes"]}
         last = layers.lines[-1] if layers.lines else f"docker pull exited {code}"
         if attempt <= retries:
             time.sleep(delay)
-    return {"failed": True, "attempts": attempt,
+    return {"failed": True, "pull_attempts": attempt,
             "msg": f"docker pull {image} failed after {attempt} "
                    f"attempt{'s' if attempt != 1 else ''}: {last}"}
 
