@@ -357,12 +357,12 @@ def _run_locked(loaded, hosts, opts, playbook, secret, per_task, out, ledger, ke
             raise
         result.interrupted = interrupt.hit
     d = decided.get("d")
-    if result.interrupted and d is not None and not opts.check and on_slurm \
-            and d.plan.task_runs:
-        stop_slurm(d, inputs, run_dir, inventories, opts, exe, progress)
-    elif result.interrupted and d is not None and not opts.check and (
-            d.plan.task_runs or any(a.pull for a in d.checked.hosts.values())):
-        stop_tasks(d, inputs, run_dir, inventories, opts)
+    if result.interrupted and d is not None and not opts.check:
+        if on_slurm and d.plan.task_runs:
+            stop_slurm(d, inputs, run_dir, inventories, opts, exe, progress)
+        elif not on_slurm and (d.plan.task_runs
+                               or any(a.pull for a in d.checked.hosts.values())):
+            stop_tasks(d, inputs, run_dir, inventories, opts)
     if result.facts:
         write_atomic(run_dir / "facts.json", json.dumps(result.facts, indent=2, sort_keys=True))
     if d is None:  # nothing was decided: no host reached, or a problem stopped the run

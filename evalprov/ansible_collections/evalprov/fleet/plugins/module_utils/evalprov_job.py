@@ -34,14 +34,12 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 from ansible_collections.evalprov.fleet.plugins.module_utils.evalprov_host import (
     ENV_FROM_FILE,
     SECRETS_IN_CONTAINER,
     decisive_line,
     health,
-    provenance,
     read_pid,
     remove_file,
     secret_file_path,
@@ -51,6 +49,8 @@ from ansible_collections.evalprov.fleet.plugins.module_utils.evalprov_host impor
     write_secret_file,
 )
 from ansible_collections.evalprov.fleet.plugins.module_utils.evalprov_tasks import (
+    beside_facts,
+    pool_map,
     run_one,
     tail,
 )
@@ -435,17 +435,10 @@ class Job:
         self.save(phase="evaluating", message=f"{len(pending)} task(s)")
         # the reproducibility record's facts of this node (image, /version, model, harness),
         # read beside the tasks as the eval module does on a host
-        with ThreadPoolExecutor(max_workers=1) as side:
-            facts = side.submit(provenance, self.spec["provenance"]) \
-                if self.spec.get("provenance") else None
-            with ThreadPoolExecutor(max_workers=max(1, int(self.spec["concurrency"]))) as pool:
-                list(pool.map(self.run_task, pending))
-            if facts is not None:
-                try:
-                    record = facts.result()
-                except Exception as exc:  # a record is never worth failing the tasks for
-                    record = {"error": f"{type(exc).__name__}: {exc}"}
-                self.save(provenance=record)
+        _, record = beside_facts(self.spec.get("provenance"), lambda: pool_map(
+            self.run_task, pending, self.spec["concurrency"]))
+        if record is not None:
+            self.save(provenance=record)
         return 0
 
 

@@ -181,6 +181,25 @@ class LogProgress:
         return self.done
 
 
+def pool_map(fn, items, concurrency):
+    with ThreadPoolExecutor(max_workers=max(1, int(concurrency))) as pool:
+        return list(pool.map(fn, items))
+
+
+def beside_facts(spec, work):
+    """work() while the record's facts of this host are read beside it (provenance(spec));
+    returns (work's result, the record: None without a spec, {"error": ...} when it could
+    not be read: a record is never worth failing the tasks for)."""
+    with ThreadPoolExecutor(max_workers=1) as side:
+        facts = side.submit(provenance, spec) if spec else None
+        out = work()
+        try:
+            record = facts.result() if facts else None
+        except Exception as exc:
+            record = {"error": f"{type(exc).__name__}: {exc}"}
+    return out, record
+
+
 def run_all(p, every=1.0):
     """Every task of p (at most p["concurrency"] at a time), the record's facts read beside
     them, progress.json rewritten every `every` seconds; returns what the module returns."""
@@ -218,14 +237,8 @@ def run_all(p, every=1.0):
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     try:
-        with ThreadPoolExecutor(max_workers=1) as side:
-            facts = side.submit(provenance, p["provenance"]) if p.get("provenance") else None
-            with ThreadPoolExecutor(max_workers=max(1, p["concurrency"])) as pool:
-                done = list(pool.map(one, p["tasks"]))
-            try:
-                record = facts.result() if facts else None
-            except Exception as exc:  # a record is never worth failing the tasks for
-                record = {"error": f"{type(exc).__name__}: {exc}"}
+        done, record = beside_facts(p.get("provenance"),
+                                    lambda: pool_map(one, p["tasks"], p["concurrency"]))
     finally:
         stop.set()
         watcher.join()
