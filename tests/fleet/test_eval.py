@@ -178,6 +178,13 @@ import json, os, sys
 values = [bytes.fromhex(v) for v in sys.argv[2:]]
 skip = {int(p) for p in sys.argv[1].split(",") if p}
 me = os.readlink("/proc/self/ns/pid")
+def cmdline(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return None
+skipped = {p: cmdline(p) for p in skip}
 out = []
 for pid in os.listdir("/proc"):
     if not pid.isdigit() or int(pid) in skip:
@@ -188,7 +195,12 @@ for pid in os.listdir("/proc"):
         with open(f"/proc/{pid}/environ", "rb") as f:
             env = f.read()
         ns = os.readlink(f"/proc/{pid}/ns/pid")
-    except OSError:
+        with open(f"/proc/{pid}/stat") as f:
+            ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        continue
+    # a skipped process's fork before its exec is that same process image
+    if ppid in skipped and cmd == skipped[ppid]:
         continue
     argv_hits = [i for i, v in enumerate(values) if v in cmd]
     env_hits = [i for i, v in enumerate(values) if v in env]
