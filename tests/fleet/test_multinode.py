@@ -13,7 +13,6 @@ import signal
 import subprocess
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -37,12 +36,10 @@ def mn_fleet(fleet_factory, standin_image, tmp_path):
     fleet = fleet_factory(GPUS, docker=True)
     image = ensure_eval_image(fleet)
 
-    def pull(host: str) -> None:  # the harness image, as a host that ran a task has it
-        if fleet.docker(host, "image", "inspect", image, check=False).returncode != 0:
-            fleet.docker(host, "pull", image, timeout=300)
-
-    with ThreadPoolExecutor(len(fleet.hosts)) as ex:
-        list(ex.map(pull, [h.name for h in fleet.hosts]))
+    # the harness image, as a host that ran a task has it: only h1, the head of every group
+    # here, evaluates (a copy on each member would cost GBs of disk for nothing)
+    if fleet.docker("h1", "image", "inspect", image, check=False).returncode != 0:
+        fleet.docker("h1", "pull", image, timeout=300)
     inv = fleet.write_inventory(tmp_path / "inventory.yml")
     yield fleet, inv, image
     remove_managed(fleet)

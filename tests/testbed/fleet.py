@@ -357,6 +357,10 @@ class Fleet:
         attempt(_del_link, self.bridge)
         for h in self.hosts:
             attempt(_clean_cgroups, h.cgroup_parent)
+        for h in self.hosts:  # dockerd's images and layers: up() would wipe them anyway, and
+            # a test run's fleets, each host with its own copy of every image it pulled
+            # (the harness image is GBs), would otherwise fill the disk
+            shutil.rmtree(Path(h.dir) / "docker", ignore_errors=True)
         self.is_up = False
         try:
             if self.workdir.exists():
