@@ -97,6 +97,20 @@ def task_env(loaded: LoadedConfig) -> dict[str, dict[str, str]]:
     return out
 
 
+def api_key_id(loaded: LoadedConfig) -> str:
+    """The fingerprint of the key apply gives the deployment ("" none), for the spec hashes
+    that `evalprov plan` and `inventory` print: the same as apply's. A controller variable
+    that is missing leaves it out here (apply refuses to start and names it)."""
+    if not apikey.keyed(loaded.config):
+        return ""
+    try:
+        env = deployment_env(loaded)
+    except ConfigError:
+        env = {}
+    key = apikey.deployment_key(loaded.config, owner_id(output_root(loaded)), env)
+    return apikey.fingerprint(key) if key else ""
+
+
 def with_api_key(loaded: LoadedConfig, owner: str, secret: dict[str, str],
                  per_task: dict[str, dict[str, str]]
                  ) -> tuple[dict[str, str], dict[str, dict[str, str]], str | None]:

@@ -123,13 +123,15 @@ def load(args: argparse.Namespace):
 
 
 def make_plan(args: argparse.Namespace):
+    """The plan apply would make (with the deployment's API key in its spec hashes)."""
+    from evalprov.apply import api_key_id
     from evalprov.hosts import host_facts
     from evalprov.plan import plan
 
     loaded = load(args)
     config = loaded.config
     hosts = host_facts(config.execution.type, args.inventory, args.gpus, args.facts, args.limit)
-    return plan(config, hosts)
+    return plan(config, hosts, api_key_id(loaded))
 
 
 def output_dir(args: argparse.Namespace) -> Path:

@@ -271,3 +271,36 @@ def test_the_process_runtime_gives_the_harness_its_secrets_in_its_environment(tm
     argv, env, _, stdin = tasks_utils.command({"runtime": "process"}, task,
                                               {"EVALPROV_API_KEY": "k"})
     assert argv == ["/venv/bin/x"] and stdin is None and env["EVALPROV_API_KEY"] == "k"
+
+
+def test_plan_and_inventory_print_the_spec_hash_apply_acts_on(tmp_path, monkeypatch, capsys):
+    """`evalprov plan` and `inventory` put the deployment's key in the spec hashes as apply
+    does: the hash a user reads is the one apply compares (nothing of the key is shown)."""
+    import yaml
+
+    from evalprov.apply import owner_id
+    from evalprov.cli import main
+
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    out = tmp_path / "out"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "defaults": [{"execution": "local"}, {"deployment": "vllm"}, "_self_"],
+        "execution": {"output_dir": str(out)},
+        "deployment": {"hf_model_handle": "meta-llama/Llama-3.1-8B", "host": "0.0.0.0",
+                       "served_model_name": "llama", "tensor_parallel_size": 1},
+        "evaluation": {"tasks": [{"name": "ifeval"}]}}))
+    assert main(["plan", str(cfg), "--gpus", "1", "--format", "json"]) == 0
+    shown = capsys.readouterr().out
+    from evalprov.config.loader import load_config
+
+    config = load_config(cfg, (), default_execution="local").config
+    key = apikey.deployment_key(config, owner_id(out.resolve()), {})
+    (applied,) = plan(config, [HostFacts("localhost", 1)], apikey.fingerprint(key)).instances
+    (bare,) = plan(config, [HostFacts("localhost", 1)]).instances
+    assert applied.spec_hash != bare.spec_hash
+    assert applied.spec_hash in shown and bare.spec_hash not in shown
+    assert key not in shown
+    assert main(["inventory", str(cfg), "--gpus", "1"]) == 0
+    shown = capsys.readouterr().out
+    assert applied.spec_hash in shown and key not in shown
