@@ -149,15 +149,6 @@ def problems_of(plan: Plan, host: str, f: HostFacts, fit: bool = True) -> list[s
         out.append(f"host {host}: has {f.gpu_count} GPUs but the inventory says "
                    f"{hp.gpus_total} (evalprov_gpu_count); fix the inventory or drop the "
                    "variable to use the count nvidia-smi reports")
-    for inst in hp.instances:
-        if inst.role == "head":
-            (g,) = [g for g in plan.groups if g.name == inst.group]
-            if g.mode != "data-parallel":
-                out.append(f"host {host}: the deployment spans node group {g.name} "
-                           f"({', '.join(g.hosts)}; {g.mode}): evalprov plans it (evalprov "
-                           "plan shows it) but does not start Ray groups yet; lower the "
-                           "parallel sizes so that a rank (tensor x pipeline parallel) fits "
-                           "one host, which makes it data parallel across hosts")
     docker = plan.runtime == "docker" and bool(hp.instances)
     # the harness runs in a container too: a host with tasks and no instance needs docker
     why = "" if hp.instances else " (its evaluation tasks run in containers)"

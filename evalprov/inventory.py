@@ -40,7 +40,7 @@ def instance_vars(inst: Instance) -> dict[str, Any]:
 def group_member_vars(inst: Instance) -> dict[str, Any]:
     """A node group member's part, beside its instance vars (a single instance has none of
     these keys): role head|worker, the group, its first rank, the group's hosts, the head's
-    address and rpc/Ray port, and the `ray start` argv to run before argv (ray mode)."""
+    address and its rpc (data parallel) or master (pipeline parallel) port."""
     return {
         # a member that exits stays down: its group cannot take it back, the next apply
         # restarts the whole group
@@ -51,7 +51,6 @@ def group_member_vars(inst: Instance) -> dict[str, Any]:
         "nodes": list(inst.nodes),
         "head_address": inst.head_address,
         "rpc_port": inst.rpc_port,
-        "ray_argv": list(inst.ray_argv),
         "serves": inst.serves,
     }
 
@@ -59,7 +58,7 @@ def group_member_vars(inst: Instance) -> dict[str, Any]:
 def node_group_vars(plan: Plan, host: str) -> dict[str, Any]:
     """The node group a host is in (empty: none): what every member's roles need to meet
     the others (mode, the members and their addresses in rank order, the head, the port)
-    and this host's part (role, rank, argv, ray_argv)."""
+    and this host's part (role, rank, argv)."""
     for g in plan.groups:
         if host not in g.hosts:
             continue
@@ -78,7 +77,6 @@ def node_group_vars(plan: Plan, host: str) -> dict[str, Any]:
             "local_ranks": g.local,
             "api_port": inst.port,
             "argv": list(inst.argv),
-            "ray_argv": list(inst.ray_argv),
         }
     return {}
 

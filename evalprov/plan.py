@@ -38,7 +38,7 @@ CHECKPOINT_MOUNT = "/checkpoint"
 LOOPBACK = "127.0.0.1"
 HF_CACHE_MOUNT = "/root/.cache/huggingface"
 DP_RPC_PORT = 29550  # vLLM's --data-parallel-rpc-port default
-RAY_PORT = 6379  # `ray start --head`'s default
+MASTER_PORT = 29501  # vLLM's --master-port default (multi-node multiprocessing)
 # what evalprov sets on a node group's members, or would contradict how it spreads them
 GROUP_OPTIONS = ("--data-parallel-size-local", "--data-parallel-address",
                  "--data-parallel-rpc-port", "--data-parallel-start-rank", "--headless",
@@ -94,11 +94,10 @@ class Instance:
     # a deployment over a node group of hosts (NodeGroup): this host's part of it
     role: str = "single"  # single | head (serves the API) | worker (no API: port 0)
     group: str = ""  # the node group's name ("" for a single instance)
-    rank: int = 0  # data parallel: the host's first DP rank; ray: its place in the group
+    rank: int = 0  # data parallel: the host's first DP rank; pipeline: its --node-rank
     nodes: tuple[str, ...] = ()  # the group's hosts, head first
     head_address: str | None = None  # where the members reach the head
-    rpc_port: int = 0  # on the head: vLLM's --data-parallel-rpc-port, or Ray's port
-    ray_argv: tuple[str, ...] = ()  # ray: `ray start` on this host, before argv (if any)
+    rpc_port: int = 0  # on the head: vLLM's --data-parallel-rpc-port, or its --master-port
 
     @property
     def base_url(self) -> str:
@@ -114,15 +113,16 @@ class Instance:
 class NodeGroup:
     """One instance over several hosts of equal GPU counts: the head serves the API, the
     workers join it. mode "data-parallel": vLLM's native multi-node data parallel (headless
-    workers, `local` ranks per host); "ray": TP inside a host, PP across hosts, on a Ray
-    cluster."""
+    workers, `local` ranks per host); "pipeline-parallel": one TP x PP world over the
+    hosts, TP inside a host and PP across hosts, on vLLM's multi-node multiprocessing
+    backend (--nnodes, --node-rank, --master-addr; headless workers)."""
 
     name: str
     mode: str
     hosts: tuple[str, ...]  # head first
     addresses: tuple[str, ...]  # the inter-node address of each host
     gpus_per_host: int
-    port: int  # the rpc port (data parallel) or Ray's port
+    port: int  # the rpc port (data parallel) or the torch.distributed master port
     local: int = 0  # data-parallel ranks per host
 
     @property
@@ -137,7 +137,8 @@ class NodeGroup:
     def label(self) -> str:
         return ("data-parallel (vLLM multi-node data parallel, headless workers)"
                 if self.mode == "data-parallel" else
-                "ray (tensor parallel inside a host, pipeline parallel across hosts)")
+                "pipeline-parallel (tensor parallel inside a host, pipeline parallel "
+                "across hosts; vLLM multi-node multiprocessing, headless workers)")
 
 
 @dataclass(frozen=True)
@@ -639,7 +640,8 @@ def group_shape(dep: VllmDeployment, gpus: int, names: str = "") -> tuple[str, i
     """How one instance spreads over hosts of `gpus` GPUs (`names`: those hosts, for the
     message): (mode, hosts per group, data-parallel ranks per host). PlanError when it
     cannot: a rank (tp x pp) that fits a host is data parallel across hosts, whole ranks per
-    host; a larger one runs on Ray with TP inside a host and PP across hosts, dp 1."""
+    host; a larger one is one TP x PP world with TP inside a host and PP across hosts
+    (vLLM's multi-node multiprocessing), dp 1."""
     tp, pp, dp = dep.tensor_parallel_size, dep.pipeline_parallel_size, dep.data_parallel_size
     per_rank = tp * pp
     where = f"hosts of {gpus} GPUs" + (f" ({names})" if names else "")
@@ -656,9 +658,9 @@ def group_shape(dep: VllmDeployment, gpus: int, names: str = "") -> tuple[str, i
         raise PlanError(
             f"deployment.data_parallel_size: {dp} with tensor_parallel_size {tp} x "
             f"pipeline_parallel_size {pp} = {per_rank} GPUs per rank, more than one of the "
-            f"{where} has: evalprov spreads one rank over hosts (Ray) or whole ranks over "
-            "hosts (data parallel), not both; set data_parallel_size 1 or fit a rank in one "
-            "host")
+            f"{where} has: evalprov spreads one rank over hosts (pipeline parallel) or "
+            "whole ranks over hosts (data parallel), not both; set data_parallel_size 1 or "
+            "fit a rank in one host")
     if tp > gpus or gpus % tp or per_rank % gpus:
         stages = f"{per_rank // gpus}" if gpus and per_rank % gpus == 0 else "N"
         raise PlanError(
@@ -667,7 +669,7 @@ def group_shape(dep: VllmDeployment, gpus: int, names: str = "") -> tuple[str, i
             f"parallelism spans hosts (vLLM's convention), so tensor_parallel_size must "
             f"divide {gpus} and tp x pp be a multiple of {gpus}; use tensor_parallel_size "
             f"{gpus} and pipeline_parallel_size {stages}")
-    return "ray", per_rank // gpus, 0
+    return "pipeline-parallel", per_rank // gpus, 0
 
 
 def _hosts_text(hosts: list[HostFacts]) -> str:
@@ -741,8 +743,9 @@ def node_groups(config: Config, hosts: list[HostFacts], need: int, api_key_id: s
             f"execution.instances_per_host: {wanted} with a deployment over node groups "
             f"({', '.join(g.name for g in groups)}): a group's hosts serve one instance "
             "together; use 1 or auto", hosts=tuple(h for g in groups for h in g.hosts))
-    notes = [f"{g.name}: {a} is a name, not an IP address; vLLM's rpc and Ray bind and "
-             "dial it: set its ansible_host to the address the hosts reach each other at"
+    notes = [f"{g.name}: {a} is a name, not an IP address; vLLM's rpc and "
+             "torch.distributed bind and dial it: set its ansible_host to the address the "
+             "hosts reach each other at"
              for g in groups for a in g.addresses if not _is_ip(a)]
     if zero:
         why[0] = "they have no GPU"
@@ -775,17 +778,18 @@ def plan_group(config: Config, name: str, mode: str, members: list[HostFacts], g
 
     data-parallel: the head runs `vllm serve` with the API and its `local` DP ranks; each
     worker runs `vllm serve --headless` with its own ranks; all dial the head's rpc port.
-    ray: every member runs `ray start` (the head with --head) on its GPUs, and the head then
-    runs `vllm serve --distributed-executor-backend ray`, which places TP x PP on the
-    cluster; a worker runs nothing else. VLLM_HOST_IP is each member's own address."""
+    pipeline-parallel: every member runs `vllm serve --nnodes N --node-rank R --master-addr
+    HEAD --master-port P` (workers --headless, no API) with its GPUs of the one TP x PP
+    world; VLLM_HOST_IP is each member's own address (vLLM's message queue binds it)."""
     dep = config.deployment
     assert isinstance(dep, VllmDeployment)
     runtime = config.execution.runtime
     model = model_source(dep, runtime)
     mounts = mounts_for(model, config.execution.hf_cache_dir, runtime)
     env_names, literals, delivery = server_env(config, dep)
-    port = DP_RPC_PORT if mode == "data-parallel" else RAY_PORT
-    what = "data-parallel rpc port" if mode == "data-parallel" else "Ray port"
+    port = DP_RPC_PORT if mode == "data-parallel" else MASTER_PORT
+    what = ("data-parallel rpc port" if mode == "data-parallel" else
+            "torch.distributed master port")
     for token in shlex.split(dep.extra_args):
         opt = vllm_option(token)
         hit = _matches(opt, GROUP_OPTIONS) if opt else []
@@ -804,7 +808,6 @@ def plan_group(config: Config, name: str, mode: str, members: list[HostFacts], g
     out: dict[str, tuple[Instance, ...]] = {}
     for index, h in enumerate(members):
         role = "head" if index == 0 else "worker"
-        ray: tuple[str, ...] = ()
         own: tuple[tuple[str, str], ...] = ()
         if mode == "data-parallel":
             rank = index * local
@@ -817,15 +820,10 @@ def plan_group(config: Config, name: str, mode: str, members: list[HostFacts], g
         else:
             rank, used = index, gpus
             own = (("VLLM_HOST_IP", h.reach),)
-            if role == "head":
-                ray = ("ray", "start", "--head", "--node-ip-address", head, "--port",
-                       str(port), "--num-gpus", str(gpus), "--block")
-                argv = (*vllm_argv(dep, model, dep.port, dep.host),
-                        "--distributed-executor-backend", "ray")
-            else:
-                ray = ("ray", "start", "--address", f"{head}:{port}", "--node-ip-address",
-                       h.reach, "--num-gpus", str(gpus), "--block")
-                argv = ()
+            nodes = ("--nnodes", str(len(members)), "--node-rank", str(index),
+                     "--master-addr", head, "--master-port", str(port))
+            argv = ((*vllm_argv(dep, model, dep.port, dep.host), *nodes) if role == "head"
+                    else (*vllm_argv(dep, model, None), "--headless", *nodes))
         gpu_ids = tuple(range(used))
         env = (process_env(config, gpu_ids) if runtime == "process" else ()) + tuple(
             sorted(literals + own))
@@ -833,7 +831,7 @@ def plan_group(config: Config, name: str, mode: str, members: list[HostFacts], g
         # member's spec: a moved head or a changed group recreates every member
         digest = spec_hash(
             image=dep.image if runtime == "docker" else config.execution.vllm_pip_spec,
-            argv=argv, ray_argv=ray, env=env_names,
+            argv=argv, env=env_names,
             mounts=[(m.source, m.target, m.read_only) for m in mounts], gpus=gpu_ids,
             runtime=runtime, group=[name, mode, *group.hosts, *group.addresses, port],
             role=role, rank=rank,
@@ -844,7 +842,7 @@ def plan_group(config: Config, name: str, mode: str, members: list[HostFacts], g
         out[h.name] = (Instance(
             h.name, 0, container_name(0), dep.port if role == "head" else 0, gpu_ids, argv,
             dep.image, model, mounts, env_names, digest, env, role=role, group=name,
-            rank=rank, nodes=group.hosts, head_address=head, rpc_port=port, ray_argv=ray),)
+            rank=rank, nodes=group.hosts, head_address=head, rpc_port=port),)
     return group, out
 
 

@@ -36,8 +36,8 @@ def plan_text(plan: Plan) -> str:
     for g in plan.groups:
         lines.extend(_group_lines(plan, g))
     if plan.groups:
-        lines.append("note: inter-node traffic (vLLM's rpc, Ray) is unauthenticated: keep "
-                     "these addresses on an isolated network")
+        lines.append("note: inter-node traffic (vLLM's rpc, torch.distributed) is "
+                     "unauthenticated: keep these addresses on an isolated network")
     for hp in plan.hosts:
         gpus = ("CPU" if plan.device == "cpu" else "GPUs unknown until preflight"
                 if hp.gpus_total is None else f"{hp.gpus_total} GPUs")
@@ -45,8 +45,6 @@ def plan_text(plan: Plan) -> str:
         lines.append(f"host {hp.host} ({gpus})")
         for inst in hp.instances:
             lines.append(_instance_line(plan, inst))
-            if inst.ray_argv:
-                lines.append(f"    ray: {shlex.join(inst.ray_argv)}")
             if plan.runtime == "docker":
                 lines.append(f"    image: {inst.image}")
             else:
@@ -61,9 +59,8 @@ def plan_text(plan: Plan) -> str:
                 src = f"HF id {inst.model.ref}" + (
                     f" (HF cache {cache.source} mounted at {cache.target})" if cache else "")
             lines.append(f"    model: {src}")
-            lines.append(f"    argv: {shlex.join(inst.argv)}" if inst.argv else
-                         "    argv: none (the host only joins the Ray cluster)")
-            if inst.env and inst.role != "single":  # VLLM_HOST_IP among them (Ray)
+            lines.append(f"    argv: {shlex.join(inst.argv)}")
+            if inst.env and inst.role != "single":  # VLLM_HOST_IP (pipeline parallel)
                 lines.append(f"    env set: {', '.join(f'{k}={v}' for k, v in inst.env)}")
             if inst.env_names:
                 lines.append(f"    env: {', '.join(inst.env_names)}")
@@ -101,7 +98,7 @@ def _group_lines(plan: Plan, g: NodeGroup) -> list[str]:
     """A node group: its mode, head, port, and each member with its address and part."""
     where = ", ".join(f"{h} ({a})" if a != h else h
                       for h, a in zip(g.hosts, g.addresses, strict=True))
-    port = f"rpc port {g.port}" if g.mode == "data-parallel" else f"Ray port {g.port}"
+    port = f"rpc port {g.port}" if g.mode == "data-parallel" else f"master port {g.port}"
     lines = [f"node group {g.name}: {g.mode} over {where}; {g.gpus_per_host} GPUs each; "
              f"head {g.head}; {port} on {g.head_address}"]
     members = {i.host: i for i in plan.instances if i.group == g.name}
@@ -109,13 +106,14 @@ def _group_lines(plan: Plan, g: NodeGroup) -> list[str]:
         lines.append(f"  mode: {g.label}: {g.local * len(g.hosts)} data-parallel ranks, "
                      f"{g.local} per host")
     else:
-        lines.append(f"  mode: {g.label}: {len(g.hosts)} hosts on one Ray cluster")
+        lines.append(f"  mode: {g.label}: one world of {g.gpus_per_host * len(g.hosts)} GPUs "
+                     f"over {len(g.hosts)} hosts")
     for h, a in zip(g.hosts, g.addresses, strict=True):
         inst = members[h]
         part = ([f"API port {inst.port}"] if inst.role == "head" else
-                ["headless, no API"] if g.mode == "data-parallel" else ["no API"])
+                ["headless, no API"])
         part.append(f"data-parallel {_ranks(g, inst.rank)}" if g.mode == "data-parallel"
-                    else "Ray head" if inst.role == "head" else "Ray worker")
+                    else f"node rank {inst.rank}")
         lines.append(f"  {inst.role} {h} at {a}: {', '.join(part)}; GPUs {_gpus(inst.gpus)}")
     return lines
 
@@ -127,7 +125,8 @@ def _instance_line(plan: Plan, inst: Instance) -> str:
     if inst.role == "head":
         return f"  instance {inst.name} (head of {inst.group})  port {inst.port}  {gpus}"
     (g,) = [g for g in plan.groups if g.name == inst.group]
-    ranks = f", {_ranks(g, inst.rank)}" if g.mode == "data-parallel" else ", a Ray worker"
+    ranks = (f", {_ranks(g, inst.rank)}" if g.mode == "data-parallel" else
+             f", node rank {inst.rank}")
     return f"  instance {inst.name} (worker of {inst.group}{ranks})  no API port  {gpus}"
 
 

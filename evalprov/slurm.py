@@ -251,7 +251,7 @@ def group_shape(exe: SlurmExecution, dep: Any) -> tuple[int, int]:
         raise PlanError(f"{where}: each node runs {local} data-parallel rank(s) of tensor x "
                         f"pipeline parallel {tp}x{pp} = {local * tp * pp} GPUs but has {gpus} "
                         "(execution.gres); raise num_nodes or lower the parallel sizes (TP x PP "
-                        "over several nodes, on Ray, is not supported on Slurm yet)")
+                        "over several nodes is not supported on Slurm yet)")
     return local, local * tp * pp
 
 

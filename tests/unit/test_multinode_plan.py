@@ -1,7 +1,8 @@
-"""Deployments larger than one host: node groups of equal GPU counts, their ranks,
-addresses, ports and exact argv for vLLM's multi-node data parallel and for TP x PP over
-Ray; the refusals; hosts left over; tasks on heads only; what `evalprov plan` prints and
-the inventory variables the roles get."""
+"""Deployments larger than one host: node groups of equal GPU counts, their ranks, addresses,
+ports and exact argv for vLLM's multi-node data parallel and for TP x PP over hosts (vLLM's
+multi-node multiprocessing: --nnodes, --node-rank, --master-addr); the refusals; hosts left
+over; tasks on heads only; what `evalprov plan` prints and the inventory variables the roles
+get."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 
 from evalprov.errors import PlanError
 from evalprov.inventory import render
-from evalprov.plan import DP_RPC_PORT, RAY_PORT, HostFacts, plan
+from evalprov.plan import DP_RPC_PORT, MASTER_PORT, HostFacts, plan
 from evalprov.show import plan_text
 
 TASKS = [{"name": "ifeval"}, {"name": "gpqa_diamond"}, {"name": "mmlu"}]
@@ -63,10 +64,10 @@ def test_data_parallel_over_two_hosts_is_a_head_and_a_headless_worker(make):
     for inst in (head, worker):  # one --data-parallel-size, the total
         assert [a for a in inst.argv if a.startswith("--data-parallel-size")] == [
             "--data-parallel-size=4", "--data-parallel-size-local"]
-    assert [(i.role, i.rank, i.port, i.gpus, i.nodes, i.head_address, i.rpc_port, i.ray_argv)
+    assert [(i.role, i.rank, i.port, i.gpus, i.nodes, i.head_address, i.rpc_port)
             for i in (head, worker)] == [
-        ("head", 0, 8000, (0, 1, 2, 3), ("h1", "h2"), "10.1.0.1", DP_RPC_PORT, ()),
-        ("worker", 2, 0, (0, 1, 2, 3), ("h1", "h2"), "10.1.0.1", DP_RPC_PORT, ())]
+        ("head", 0, 8000, (0, 1, 2, 3), ("h1", "h2"), "10.1.0.1", DP_RPC_PORT),
+        ("worker", 2, 0, (0, 1, 2, 3), ("h1", "h2"), "10.1.0.1", DP_RPC_PORT)]
     assert (head.serves, worker.serves) == (True, False)
     # every task on the head, none on the worker
     assert [t.host for t in p.task_runs] == ["h1", "h1", "h1"]
@@ -97,38 +98,45 @@ def test_ranks_follow_inventory_order_over_several_workers(make):
     assert all(i.gpus == (0, 1) for i in p.instances)
 
 
-# --------------------------------------------------------------------------- ray
+# --------------------------------------------------------------------------- pipeline
 
 
-def test_tp_inside_a_host_pp_across_hosts_runs_on_ray(make):
+def nodes(n: int, rank: int, head: str) -> tuple[str, ...]:
+    return ("--nnodes", str(n), "--node-rank", str(rank), "--master-addr", head,
+            "--master-port", str(MASTER_PORT))
+
+
+def test_tp_inside_a_host_pp_across_hosts_is_one_multinode_world(make):
     p = make([("h1", 8, "10.2.0.1"), ("h2", 8, "10.2.0.2")], tp=8, pp=2)
     (g,) = p.groups
-    assert (g.mode, g.hosts, g.port, g.local) == ("ray", ("h1", "h2"), RAY_PORT, 0)
+    assert (g.mode, g.hosts, g.port, g.local) == (
+        "pipeline-parallel", ("h1", "h2"), MASTER_PORT, 0)
     (head,), (worker,) = p.host("h1").instances, p.host("h2").instances
-    assert head.ray_argv == ("ray", "start", "--head", "--node-ip-address", "10.2.0.1",
-                             "--port", "6379", "--num-gpus", "8", "--block")
+    # vLLM's multi-node multiprocessing: every node runs vllm serve with the whole world's
+    # sizes and its --node-rank; the head (rank 0) serves the API, the others are headless
     assert head.argv == (*MODEL, *sizes(8, 2, 1), "--port", "8000", "--host", "127.0.0.1",
-                         *TAIL, "--distributed-executor-backend", "ray")
-    assert worker.ray_argv == ("ray", "start", "--address", "10.2.0.1:6379",
-                               "--node-ip-address", "10.2.0.2", "--num-gpus", "8", "--block")
-    assert worker.argv == ()  # the worker only joins the cluster; the head's vLLM uses it
+                         *TAIL, *nodes(2, 0, "10.2.0.1"))
+    assert worker.argv == (*MODEL, *sizes(8, 2, 1), *TAIL, "--headless",
+                           *nodes(2, 1, "10.2.0.1"))
+    assert "--port" not in worker.argv and "--distributed-executor-backend" not in head.argv
     assert [(i.role, i.rank, i.port, i.gpus, i.rpc_port) for i in (head, worker)] == [
-        ("head", 0, 8000, tuple(range(8)), RAY_PORT), ("worker", 1, 0, tuple(range(8)),
-                                                        RAY_PORT)]
+        ("head", 0, 8000, tuple(range(8)), MASTER_PORT), ("worker", 1, 0, tuple(range(8)),
+                                                           MASTER_PORT)]
     # each member tells vLLM its own address (vLLM's multi-node docs: VLLM_HOST_IP per node)
     assert dict(head.env)["VLLM_HOST_IP"] == "10.2.0.1"
     assert dict(worker.env)["VLLM_HOST_IP"] == "10.2.0.2"
     assert [t.host for t in p.task_runs] == ["h1", "h1", "h1"]
 
 
-def test_ray_pipeline_over_three_hosts(make):
+def test_a_pipeline_over_three_hosts(make):
     p = make([("a", 4, "10.3.0.1"), ("b", 4, "10.3.0.2"), ("c", 4, "10.3.0.3")], tp=4, pp=3)
     (g,) = p.groups
     assert g.hosts == ("a", "b", "c")
     assert [i.rank for i in p.instances] == [0, 1, 2]
-    assert [i.ray_argv[i.ray_argv.index("--node-ip-address") + 1] for i in p.instances] == [
+    for i in p.instances:
+        assert i.argv[-len(nodes(3, i.rank, "10.3.0.1")):] == nodes(3, i.rank, "10.3.0.1")
+    assert [dict(i.env)["VLLM_HOST_IP"] for i in p.instances] == [
         "10.3.0.1", "10.3.0.2", "10.3.0.3"]
-    assert all(i.ray_argv[3] == "10.3.0.1:6379" for i in p.instances[1:])
 
 
 # --------------------------------------------------------------------------- refusals
@@ -139,14 +147,14 @@ def test_ray_pipeline_over_three_hosts(make):
     ([("a", 4, None), ("b", 4, None)], {"tp": 2, "dp": 3},
      "deployment.data_parallel_size: 3 does not split over hosts of 4 GPUs (a, b): each "
      "holds 2 data-parallel rank(s)"),
-    # ray: TP larger than a host
+    # pipeline: TP larger than a host
     ([("a", 4, None), ("b", 4, None)], {"tp": 8, "pp": 1},
      "deployment.tensor_parallel_size: 8 with pipeline_parallel_size 1 over hosts of 4 GPUs "
      "(a, b)"),
-    # ray: TP that does not fill a host, tp x pp not a whole number of hosts
+    # pipeline: TP that does not fill a host, tp x pp not a whole number of hosts
     ([("a", 4, None), ("b", 4, None)], {"tp": 3, "pp": 2},
      "deployment.tensor_parallel_size: 3 with pipeline_parallel_size 2 over hosts of 4"),
-    # ray: dp > 1
+    # pipeline: dp > 1
     ([("a", 4, None), ("b", 4, None)], {"tp": 4, "pp": 2, "dp": 2},
      "deployment.data_parallel_size: 2 with tensor_parallel_size 4"),
     # not enough hosts of the count
@@ -225,8 +233,9 @@ def test_the_group_port_must_not_be_the_api_port(make):
     assert line == ("deployment.port: 29550 is node group group-0's data-parallel rpc port "
                     "on its head a; pick another deployment.port")
     assert refused(make, [("a", 4, None), ("b", 4, None)], tp=4, pp=2,
-                   deployment={"port": RAY_PORT})[0].startswith(
-        "deployment.port: 6379 is node group group-0's Ray port on its head a")
+                   deployment={"port": MASTER_PORT})[0].startswith(
+        "deployment.port: 29501 is node group group-0's torch.distributed master port on its "
+        "head a")
 
 
 def test_several_instances_per_host_with_a_group_are_refused(make):
@@ -324,16 +333,17 @@ def test_plan_shows_the_groups_roles_addresses_and_argv(make):
         assert f"    argv: {shlex.join(inst.argv)}\n" in text
 
 
-def test_plan_shows_the_ray_commands_and_the_hosts_left_out(make):
+def test_plan_shows_the_pipeline_group_and_the_hosts_left_out(make):
+    import shlex
+
     p = make([("h1", 8, "10.2.0.1"), ("h2", 8, "10.2.0.2"), ("h3", 4, "10.2.0.3")], tp=8,
              pp=2)
     text = plan_text(p)
-    assert f"Ray port {RAY_PORT} on 10.2.0.1" in text
-    assert ("    ray: ray start --head --node-ip-address 10.2.0.1 --port 6379 --num-gpus 8 "
-            "--block") in text
-    assert ("    ray: ray start --address 10.2.0.1:6379 --node-ip-address 10.2.0.2 "
-            "--num-gpus 8 --block") in text
-    assert "    argv: none (the host only joins the Ray cluster)" in text
+    assert f"master port {MASTER_PORT} on 10.2.0.1" in text
+    assert "one world of 16 GPUs over 2 hosts" in text
+    assert "  worker h2 at 10.2.0.2: headless, no API, node rank 1; GPUs 0-7" in text
+    for inst in p.instances:
+        assert f"    argv: {shlex.join(inst.argv)}\n" in text
     assert "    env set: VLLM_HOST_IP=10.2.0.2" in text
     assert "host h3 (4 GPUs)\n  no instance: in no node group (see the notes)" in text
     assert "2 host(s)" not in text and "3 host(s), 1 instance(s), 3 task run(s)" in text
@@ -343,20 +353,19 @@ def test_inventory_gives_each_member_its_part(make):
     p = make([("h1", 8, "10.2.0.1"), ("h2", 8, "10.2.0.2"), ("h3", 4, None)], tp=8, pp=2)
     hosts = render(p)["all"]["hosts"]
     head, worker = hosts["h1"]["evalprov_plan_node_group"], hosts["h2"]["evalprov_plan_node_group"]
-    common = {"name": "group-0", "mode": "ray", "hosts": ["h1", "h2"],
+    common = {"name": "group-0", "mode": "pipeline-parallel", "hosts": ["h1", "h2"],
               "addresses": ["10.2.0.1", "10.2.0.2"], "head": "h1", "head_address": "10.2.0.1",
-              "port": RAY_PORT, "gpus_per_host": 8, "local_ranks": 0}
+              "port": MASTER_PORT, "gpus_per_host": 8, "local_ranks": 0}
     assert head == {**common, "role": "head", "rank": 0, "api_port": 8000,
-                    "argv": list(p.host("h1").instances[0].argv),
-                    "ray_argv": list(p.host("h1").instances[0].ray_argv)}
-    assert worker == {**common, "role": "worker", "rank": 1, "api_port": 0, "argv": [],
-                      "ray_argv": list(p.host("h2").instances[0].ray_argv)}
+                    "argv": list(p.host("h1").instances[0].argv)}
+    assert worker == {**common, "role": "worker", "rank": 1, "api_port": 0,
+                      "argv": list(p.host("h2").instances[0].argv)}
     (inst,) = hosts["h2"]["evalprov_plan_instances"]
     assert {k: inst[k] for k in ("role", "group", "rank", "nodes", "head_address",
                                  "rpc_port", "serves", "port")} == {
         "role": "worker", "group": "group-0", "rank": 1, "nodes": ["h1", "h2"],
-        "head_address": "10.2.0.1", "rpc_port": RAY_PORT, "serves": False, "port": 0}
-    assert inst["ray_argv"] == list(p.host("h2").instances[0].ray_argv)
+        "head_address": "10.2.0.1", "rpc_port": MASTER_PORT, "serves": False, "port": 0}
+    assert "--headless" in inst["argv"] and "ray_argv" not in inst
     # the host left out: no instance, no group
     assert hosts["h3"]["evalprov_plan_instances"] == []
     assert "evalprov_plan_node_group" not in hosts["h3"]
@@ -424,12 +433,19 @@ def test_a_group_member_that_stopped_restarts_the_whole_group(make):
     assert [i.role for i in checked.hosts["h2"].start] == ["worker"]
 
 
-def test_apply_refuses_a_ray_group_before_anything_starts(make):
+def test_a_pipeline_group_is_checked_like_a_data_parallel_one(make):
+    """Nothing refuses a pipeline-parallel group any more: a converged group is left alone,
+    a lost worker restarts the whole group (both members start again)."""
     from evalprov.check import check
 
     p = make([("h1", 8, "10.2.0.1"), ("h2", 8, "10.2.0.2")], tp=8, pp=2)
-    facts = group_facts(p, running=())
-    facts = {h: dataclasses.replace(f, gpu_count=8) for h, f in facts.items()}
-    (line,) = check(p, facts).problems
-    assert line.startswith("host h1: the deployment spans node group group-0 (h1, h2; ray)")
-    assert "does not start Ray groups yet" in line and "fits one host" in line
+    facts = {h: dataclasses.replace(f, gpu_count=8) for h, f in group_facts(p).items()}
+    steady = check(p, facts)
+    assert steady.problems == ()
+    assert steady.hosts["h1"].start == steady.hosts["h2"].start == ()
+    lost = {h: dataclasses.replace(f, gpu_count=8)
+            for h, f in group_facts(p, running=("h1",)).items()}
+    checked = check(p, lost)
+    assert checked.problems == ()
+    assert [i.role for i in checked.hosts["h1"].start] == ["head"]
+    assert [i.role for i in checked.hosts["h2"].start] == ["worker"]

@@ -1,6 +1,7 @@
-"""The stand-in vLLM honours vLLM's multi-node data-parallel roles: a head that serves the API
-and waits for its headless workers, workers that join it and die with it. Real processes of
-tests/testbed/standin/server.py on 127.0.0.1; every wait has a deadline."""
+"""The stand-in vLLM honours vLLM's multi-node roles (data parallel, and TP x PP over
+--nnodes): a head that serves the API and waits for its headless workers, workers that join
+it and die with it. Real processes of tests/testbed/standin/server.py on 127.0.0.1; every
+wait has a deadline."""
 
 from __future__ import annotations
 
@@ -266,3 +267,43 @@ def test_each_instance_counts_the_requests_it_answered(cluster):
     assert _ranks(cluster.api)["requests"] == 3
     assert b"vllm:num_requests_total 3\n" in _get(cluster.api, "/metrics")[1]
     assert _ranks(cluster.api)["role"] == "single"
+
+
+# ------------------------------------------------- multi-node TP x PP (vLLM's --nnodes)
+
+
+def _node(c: Cluster, n: int, rank: int, *extra: str) -> subprocess.Popen:
+    flags = ("-tp", "2", "-pp", str(n), "--nnodes", str(n), "--node-rank", str(rank),
+             "--master-addr", "127.0.0.1", "--master-port", str(c.rpc))
+    if rank:
+        return c.start("--headless", *flags, *extra)
+    return c.start("--host", "127.0.0.1", "--port", str(c.api), *flags, *extra)
+
+
+def test_a_multinode_world_serves_only_once_every_node_joined_and_not_after_one_is_lost(
+        cluster):
+    head = _node(cluster, 3, 0)
+    _wait("head's API up", lambda: _health(cluster.api) == 503, [head])
+    one = _node(cluster, 3, 1)
+    _wait("node 1 joined", _joined(cluster, 2), [head, one])
+    assert _health(cluster.api) == 503
+    two = _node(cluster, 3, 2)
+    _wait("node 2 joined", _joined(cluster, 3), [head, one, two])
+    assert _health(cluster.api) == 200 and _complete(cluster.api) == 200
+    assert ("headless multiproc executor, with head node address "
+            f"127.0.0.1:{cluster.rpc} for torch.distributed process group") in cluster.log(two)
+    two.kill()
+    _wait("the head to see node 2 lost", lambda: _health(cluster.api) == 503, [head, one])
+
+
+@pytest.mark.parametrize("args, problem", [
+    (["-tp", "2", "--nnodes", "3"], "`--nnodes 3` must evenly divide the total world size (2)"),
+    (["-pp", "2", "--nnodes", "2", "--node-rank", "2", "--headless"],
+     "`--node-rank` must be between 0 and 1"),
+    (["-pp", "2", "--nnodes", "2", "--node-rank", "1"], "every node but --node-rank 0 runs"),
+    (["-pp", "2", "--nnodes", "2", "--headless"], "--node-rank 0 serves the API"),
+])
+def test_inconsistent_multinode_flags_exit_2(args, problem):
+    proc = subprocess.run([sys.executable, str(SERVER_PY), "serve", "m", *args],
+                          capture_output=True, text=True, timeout=DEADLINE)
+    assert proc.returncode == 2 and problem in proc.stderr, proc.stderr

@@ -19,6 +19,9 @@ The head serves the API and listens on HEAD:P for workers (protocol: see Coordin
 /health is 503 until ranks 0..N-1 are all held, and 503 for good once a worker is lost. A worker
 serves no HTTP, joins HEAD:P (retrying), and exits with code 4 when it cannot join, is refused,
 or loses the head. Inconsistent data-parallel flags exit 2 with a usage line.
+vLLM's multi-node multiprocessing (TP x PP over nodes: --nnodes N --node-rank R --master-addr
+HEAD --master-port P, --headless on every node but 0) is held the same way, node ranks joining
+HEAD:P in place of data-parallel ranks.
 
 Behaviour switches (environment):
   STANDIN_START_DELAY=SECONDS  /health answers 503 until SECONDS after start
@@ -50,6 +53,7 @@ VERSION = "0.0.0+evalprov.standin"
 EXIT_CODE_CRASH = 3
 EXIT_CODE_HEAD_LOST = 4  # a headless worker could not join, was refused, or lost its head
 DP_RPC_PORT = 29550  # vLLM's default --data-parallel-rpc-port
+MASTER_PORT = 29501  # vLLM's default --master-port
 DP_PROTOCOL = "EVALPROV-DP/1"
 
 
@@ -74,6 +78,11 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--data-parallel-address", "-dpa")
     p.add_argument("--data-parallel-rpc-port", "-dpp", type=int, default=DP_RPC_PORT)
     p.add_argument("--headless", action="store_true")
+    # vLLM's multiprocessing multi-node (TP x PP over nodes): one torch.distributed group
+    p.add_argument("--nnodes", "-n", type=int, default=1)
+    p.add_argument("--node-rank", "-r", type=int, default=0)
+    p.add_argument("--master-addr", default="127.0.0.1")
+    p.add_argument("--master-port", type=int, default=MASTER_PORT)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--trust-remote-code", action="store_true")
@@ -101,6 +110,10 @@ def dp_problem(args: argparse.Namespace) -> str | None:
     """The data-parallel flags' consistency (what vLLM's arg checks refuse), and the role:
     sets ``args.dp_role`` to single (all ranks here), head (ranks 0..L-1 here, API, waits
     for the workers) or worker (headless: ranks R..R+L-1 here, no API)."""
+    if args.nnodes != 1:
+        problem = nodes_problem(args)
+        if problem:
+            return problem
     size = args.data_parallel_size
     local = size if args.data_parallel_size_local is None else args.data_parallel_size_local
     start = args.data_parallel_start_rank
@@ -130,6 +143,32 @@ def dp_problem(args: argparse.Namespace) -> str | None:
     args.data_parallel_start_rank = start
     if args.data_parallel_address is None:
         args.data_parallel_address = "127.0.0.1"  # vLLM's default data_parallel_master_ip
+    return None
+
+
+def nodes_problem(args: argparse.Namespace) -> str | None:
+    """vLLM's multi-node multiprocessing mode (--nnodes N --node-rank R --master-addr A
+    --master-port P, --headless on every node but rank 0) checked as vLLM does, then held
+    as the data-parallel roles are: node 0 is the head (the API), nodes 1..N-1 join it over
+    A:P, each holding its share of the one TP x PP world; /health waits for all of them."""
+    n, rank = args.nnodes, args.node_rank
+    world = args.tensor_parallel_size * args.pipeline_parallel_size * args.data_parallel_size
+    if n < 1:
+        return f"--nnodes must be at least 1, not {n}"
+    if world % n:
+        return (f"`--nnodes {n}` must evenly divide the total world size ({world})")
+    if not 0 <= rank < n:
+        return f"`--node-rank` must be between 0 and {n - 1}; got `--node-rank {rank}`"
+    if args.data_parallel_size != 1 or args.data_parallel_start_rank is not None:
+        return "the stand-in holds --nnodes only with --data-parallel-size 1"
+    if not 1 <= args.master_port <= 65535:
+        return f"--master-port {args.master_port} is not a port"
+    if bool(rank) != args.headless:
+        return ("every node but --node-rank 0 runs --headless, and node 0 serves the API"
+                if rank else "--node-rank 0 serves the API: remove --headless")
+    args.data_parallel_size, args.data_parallel_size_local = n, 1
+    args.data_parallel_start_rank = rank if rank else None
+    args.data_parallel_address, args.data_parallel_rpc_port = args.master_addr, args.master_port
     return None
 
 
@@ -347,6 +386,9 @@ def run_worker(args: argparse.Namespace) -> int:
     ranks = rank_list(range(start, start + local))
     hb = heartbeat_seconds()
     join_timeout = float(os.environ.get("STANDIN_DP_JOIN_TIMEOUT", "120") or 120)
+    if args.nnodes > 1:  # vLLM's own line for a multi-node TP x PP worker
+        log(f"INFO:     Launching vLLM (standin) headless multiproc executor, with head node "
+            f"address {addr}:{port} for torch.distributed process group.")
     log(f"INFO:     headless data-parallel worker for rank(s) {ranks} of "
         f"{args.data_parallel_size}: joining the head at {addr}:{port}")
     deadline = time.monotonic() + join_timeout

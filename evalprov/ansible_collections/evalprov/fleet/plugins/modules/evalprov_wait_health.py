@@ -105,8 +105,10 @@ def stopped_message(runtime, name, state, tail, inst=None):
         how = "the vllm serve process exited"
     inst = inst or {}
     if inst.get("role") == "worker":
-        head = (f"worker {name} (data-parallel ranks from {inst.get('rank')}) of node group "
-                f"{inst.get('group')} stopped before the group served")
+        part = (f"node rank {inst.get('rank')}" if "--nnodes" in (inst.get("argv") or ())
+                else f"data-parallel ranks from {inst.get('rank')}")
+        head = (f"worker {name} ({part}) of node group {inst.get('group')} stopped before "
+                "the group served")
     elif inst.get("role") == "head":
         head = f"head {name} of node group {inst.get('group')} stopped before it became healthy"
     else:
