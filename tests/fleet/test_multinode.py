@@ -188,6 +188,43 @@ def test_four_node_data_parallel_group_comes_up_and_destroy_stops_every_member(m
         assert container(fleet, h, running=False) == [], h
 
 
+def test_a_pipeline_parallel_group_serves_the_tasks_and_a_lost_worker_restarts_it(
+        mn_fleet, tmp_path):
+    """TP 2 inside each 2-GPU host, PP 2 across h1 and h2: one world on vLLM's multi-node
+    multiprocessing; the head serves once node 1 joined its master port, the task runs
+    through the head; a worker found gone restarts the whole group."""
+    fleet, inv, image = mn_fleet
+    config = write_config(tmp_path, image, [{"name": "ifeval"}], deployment={
+        "tensor_parallel_size": 2, "pipeline_parallel_size": 2})
+    plan, result, _, code, text = run_apply(config, inv, limit="h1,h2")
+    assert code == 0, text
+    (g,) = plan.groups
+    assert (g.mode, g.hosts) == ("pipeline-parallel", ("h1", "h2"))
+    (rec,) = result.tasks
+    assert rec["status"] == "succeeded" and rec["host"] == "h1", rec
+    assert ranks(fleet, "h1")["joined"] == [0, 1]  # node ranks
+    (worker,) = plan.host("h2").instances
+    inspect = json.loads(fleet.docker("h2", "inspect", INSTANCE).stdout)[0]
+    assert [*inspect["Config"]["Entrypoint"], *inspect["Config"]["Cmd"]] == list(worker.argv)
+    assert worker.argv[-9:] == ("--headless", "--nnodes", "2", "--node-rank", "1",
+                                "--master-addr", fleet.host("h1").ip, "--master-port", "29501")
+    assert f"VLLM_HOST_IP={fleet.host('h2').ip}" in inspect["Config"]["Env"]
+    assert "headless multiproc executor, with head node address " \
+        f"{fleet.host('h1').ip}:29501" in fleet.docker("h2", "logs", INSTANCE).stderr.decode() \
+        + fleet.docker("h2", "logs", INSTANCE).stdout.decode()
+
+    # the worker goes away: the next apply restarts the group as one and reruns nothing
+    fleet.docker("h2", "rm", "-f", INSTANCE)
+    _, again, _, code2, text2 = run_apply(config, inv, limit="h1,h2")
+    assert code2 == 0, text2
+    decided = again.decision["hosts"]
+    assert [i["role"] for i in decided["h1"]["evalprov_vllm_start"]] == ["head"]
+    assert [i["role"] for i in decided["h2"]["evalprov_vllm_start"]] == ["worker"]
+    assert ranks(fleet, "h1")["joined"] == [0, 1]
+    (rec2,) = again.tasks
+    assert rec2["status"] == "succeeded", rec2
+
+
 VLLM = Path("/opt/evalprov/vllm-venv/bin/vllm")
 TINY = Path("/var/lib/evalprov/models/tiny-llama")
 
