@@ -169,7 +169,18 @@ def task_action(p: Plan, t: TaskRun, index: int, inputs: Inputs, f: HostFacts | 
         "path_prepend": "" if docker else f"{p.harness_venv}/bin",
         "cwd": host_dir if docker or not samples else samples,
         "argv": argv,
+        # the server the task calls, watched while it runs (a server that stops answering
+        # ends its tasks at once, named as the cause); none for an endpoint not ours
+        "health_url": health_url(t.url, p.health_path) if t.instance is not None else "",
     }
+
+
+def health_url(url: str, path: str) -> str:
+    """The health check of the server behind a task's endpoint URL."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}{path}"
 
 
 def provenance_spec(p: Plan, hp: Any) -> dict[str, Any]:

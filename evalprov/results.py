@@ -66,6 +66,8 @@ def read_task(host: str, task: dict[str, Any], task_dir: Path | None) -> TaskRec
         log = task_dir / "logs" / "harness.log"
         tail = log.read_text(errors="replace").splitlines()[-20:] if log.exists() else []
         rec.error = f"harness exited {meta.get('rc')}: " + " | ".join(tail)[-2000:]
+        if meta.get("server_lost"):  # the cause first: the harness only saw its effects
+            rec.error = f"{meta['server_lost']}; {rec.error}"
         return rec
     if results_yml is None:
         rec.status = "failed"

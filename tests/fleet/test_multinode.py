@@ -125,6 +125,45 @@ def test_two_node_data_parallel_group_serves_the_tasks_and_recovers_a_killed_wor
     assert again.hosts["h1"].changed == 0 and again.hosts["h2"].changed == 0, text3
 
 
+def test_a_worker_lost_while_the_tasks_run_ends_them_at_once_naming_the_group(
+        mn_fleet, tmp_path):
+    """Once the group serves, the tasks' server is watched: the worker killed mid-task (the
+    stand-in answers one request, then takes 10 minutes for each) makes the head unhealthy,
+    and the task ends within a few looks at its /health, the lost ranks named first, instead
+    of waiting on its request."""
+    fleet, inv, image = mn_fleet
+    config = write_config(tmp_path, image, [{"name": "ifeval"}], deployment={
+        "data_parallel_size": 4, "env_vars": {"STANDIN_SLOW_AFTER": "lit:1",
+                                              "STANDIN_SLOW_SECONDS": "lit:600"}})
+    errors: list[BaseException] = []
+
+    def kill_worker() -> None:
+        try:
+            wait_for(lambda: ranks(fleet, "h1")["requests"] >= 1, timeout=300, interval=0.5,
+                     what="the head to answer the task's first request")
+            fleet.docker("h2", "kill", INSTANCE)
+        except BaseException as exc:
+            errors.append(exc)
+
+    killer = threading.Thread(target=kill_worker, daemon=True)
+    killer.start()
+    try:
+        _, result, _, code, text = run_apply(config, inv, limit="h1,h2")
+    finally:
+        killer.join(60)
+    assert not errors, errors
+    assert code != 0, text
+    (rec,) = result.tasks
+    assert rec["status"] == "failed" and rec["host"] == "h1", rec
+    assert rec["error"].startswith("its server stopped serving: http://127.0.0.1:8000/health "
+                                   "answered HTTP 503"), rec["error"]
+    assert "answered HTTP 503: data-parallel rank(s) 2,3 lost (worker " in rec["error"], \
+        rec["error"]
+    # nothing of the task is left running on the head
+    assert fleet.docker("h1", "ps", "-q", "--filter", "label=evalprov.managed=eval"
+                        ).stdout.decode().split() == []
+
+
 def test_a_member_that_fails_to_start_fails_its_group_at_once(mn_fleet, tmp_path,
                                                               monkeypatch):
     """A member that fails before its health wait (here: its secrets would have to go to a

@@ -141,3 +141,102 @@ def test_a_started_runner_keeps_no_descriptor_of_its_caller(tmp_path):
         (tmp_path / "go").touch()
         _until(lambda: tasks.poll(p["run_dir"], wait=0.5), lambda res: not res["running"])
     assert json.loads((Path(p["run_dir"]) / "result.json").read_text())["tasks"][0]["rc"] == 0
+
+
+class _Server:
+    """A loopback HTTP server whose /health answers 200 until told otherwise."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        outer = self
+        self.status, self.body = 200, b"ok"
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(outer.status)
+                self.end_headers()
+                self.wfile.write(outer.body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/health"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_a_server_that_stops_serving_ends_its_tasks_naming_it_and_starts_no_more(tmp_path):
+    """A task's server (its health URL) watched while the tasks run: once it answers 503
+    three times in a row, the running task ends at once (not at its timeout), the queued one
+    is never started, and each says why first; a task on another server is untouched."""
+    server, other = _Server(), _Server()
+    try:
+        p = _params(tmp_path, "ifeval", "gpqa_diamond", "mmlu")
+        p["concurrency"] = 2  # ifeval and mmlu run; gpqa_diamond waits for ifeval's slot
+        p["tasks"] = [p["tasks"][0], p["tasks"][2], p["tasks"][1]]
+        for t in p["tasks"]:
+            t["health_url"] = server.url
+        p["tasks"][1]["health_url"] = other.url  # mmlu: another server
+        p["server_watch"] = {"interval": 0.2, "misses": 3, "timeout": 5.0}
+        tasks.start(p)
+        run_dir = p["run_dir"]
+        _until(lambda: tasks.poll(run_dir, wait=0.2),
+               lambda r: r["evalprov_eval_progress"]["ifeval"]["done"] == 2)
+        server.status, server.body = 503, b"data-parallel rank(s) 2 lost: worker h2 gone\nmore"
+        ended = _until(lambda: tasks.poll(run_dir, wait=0.5),
+                       lambda r: r["evalprov_eval_progress"]["gpqa_diamond"]["status"]
+                       == "failed")
+        assert ended["evalprov_eval_progress"]["ifeval"]["status"] == "failed", ended
+        assert ended["evalprov_eval_progress"]["mmlu"]["status"] == "running", ended
+        (tmp_path / "go").touch()  # mmlu's harness may finish now
+        end = _until(lambda: tasks.poll(run_dir, wait=1.0), lambda r: not r["running"])
+    finally:
+        server.close()
+        other.close()
+    by = {t["name"]: t for t in end["tasks"]}
+    want = (f"its server stopped serving: {server.url} answered HTTP 503: data-parallel "
+            "rank(s) 2 lost: worker h2 gone 3 times in a row while the tasks ran")
+    for name in ("ifeval", "gpqa_diamond"):
+        assert by[name]["rc"] == tasks.LOST_RC and by[name]["server_lost"] == want, by[name]
+    assert by["mmlu"]["rc"] == 0 and "server_lost" not in by["mmlu"]
+    log = (Path(run_dir) / "gpqa_diamond" / "logs" / "harness.log").read_text()
+    assert log == f"evalprov: not started: {want}\n"  # the harness never ran
+    assert f"evalprov: task ended: {want}" in (
+        Path(run_dir) / "ifeval" / "logs" / "harness.log").read_text()
+
+
+def test_the_record_of_a_task_whose_server_was_lost_names_that_first(tmp_path):
+    from evalprov.results import read_task
+
+    d = tmp_path / "t"
+    (d / "logs").mkdir(parents=True)
+    (d / "logs" / "harness.log").write_text("openai.APIConnectionError: refused\n")
+    (d / "evalprov-task.json").write_text(json.dumps(
+        {"rc": 125, "server_lost": "its server stopped serving: X", "seconds": 1}))
+    rec = read_task("h1", {"name": "ifeval"}, d)
+    assert rec.status == "failed"
+    assert rec.error.startswith("its server stopped serving: X; harness exited 125: openai")
+
+
+def test_a_json_error_answer_is_reduced_to_its_message():
+    host = module("module_utils.evalprov_host")
+    server = _Server()
+    try:
+        server.status = 503
+        server.body = json.dumps({"object": "error", "message": "rank 2 lost\nmore",
+                                  "code": 503}).encode()
+        assert host.http_answer(server.url) == (503, "rank 2 lost")
+        server.body = json.dumps({"error": {"message": "engine dead"}}).encode()
+        assert host.http_answer(server.url) == (503, "engine dead")
+        server.status, server.body = 200, b"{}"
+        assert host.http_answer(server.url) == (200, "")
+    finally:
+        server.close()
+    status, what = host.http_answer(server.url, timeout=2)
+    assert status == 0 and "refused" in what.lower()

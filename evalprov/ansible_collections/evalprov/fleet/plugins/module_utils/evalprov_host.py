@@ -9,6 +9,7 @@ import json
 import os
 import socket
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 
@@ -224,6 +225,29 @@ def http_get(url, timeout=3, headers=None):
             return resp.status, resp.read(65536)
     except Exception:
         return 0, b""
+
+
+def http_answer(url, timeout=10):
+    """(status, what): the HTTP status (0: no answer) and the first line of an error's body,
+    or why nothing answered."""
+    try:
+        req = urllib.request.Request(url)  # noqa: S310 - the task's own server
+        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310
+            return resp.status, ""
+    except urllib.error.HTTPError as exc:
+        try:
+            body = exc.read(1024).decode(errors="replace").strip()
+        except Exception:
+            body = ""
+        try:  # vLLM's (and OpenAI's) JSON error: its message
+            data = json.loads(body)
+            err = data.get("error") if isinstance(data.get("error"), dict) else data
+            body = str(err.get("message") or body)
+        except (ValueError, AttributeError):
+            pass
+        return exc.code, (body.splitlines() or [""])[0][:300]
+    except Exception as exc:
+        return 0, str(getattr(exc, "reason", exc))[:300]
 
 
 def health(port, health_path, served, api_key=None):

@@ -28,6 +28,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from ansible_collections.evalprov.fleet.plugins.module_utils.evalprov_host import (
+    http_answer,
     poll_detached,
     provenance,
     start_detached,
@@ -96,8 +97,22 @@ def remove_stale_containers(owner):
         subprocess.run([docker, "rm", "-f", *found], capture_output=True, check=False)
 
 
-def run_one(p, task):
-    """Run one task (p: runtime, env, timeout, log_lines) and pack its directory."""
+LOST_RC = 125  # a task ended (or never started) because its server stopped answering
+
+
+def end_task(p, task, proc):
+    """Stop a running task: its container (docker) and the process group it leads."""
+    if p["runtime"] == "docker":
+        docker = shutil.which("docker") or "docker"
+        subprocess.run([docker, "rm", "-f", task["container_name"]], capture_output=True,
+                       check=False)
+    stop_group(proc.pid)
+
+
+def run_one(p, task, lost=lambda: None):
+    """Run one task (p: runtime, env, timeout, log_lines) and pack its directory. lost():
+    why the task's server no longer answers (None while it does): then the task is ended,
+    or not started, and its record names that first."""
     tdir = task["dir"]
     logs = os.path.join(tdir, "logs")
     for d in (os.path.join(tdir, "results"), logs):
@@ -108,33 +123,18 @@ def run_one(p, task):
     argv, env, cwd, stdin = command(p, task, values)
     log_path = os.path.join(logs, "harness.log")
     start = time.time()
+    reason = lost()
     with open(log_path, "wb") as log:
-        try:
-            # its own process group, recorded: evalprov_stop_tasks stops it and all it started
-            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                    cwd=cwd, start_new_session=True,
-                                    stdin=subprocess.DEVNULL if stdin is None
-                                    else subprocess.PIPE)
-            write_pid(os.path.join(tdir, "harness.pid"), proc.pid)
-            if stdin is not None:
-                try:
-                    proc.stdin.write(stdin)
-                    proc.stdin.close()
-                except OSError:  # it exited already: its log says why
-                    pass
-            try:
-                rc = proc.wait(timeout=p["timeout"])
-            except subprocess.TimeoutExpired:
-                stop_group(proc.pid)
-                proc.wait()
-                rc = 124
-                log.write(f"\nevalprov: task timed out after {p['timeout']} s\n".encode())
-        except OSError as exc:
-            rc = 127
-            log.write(f"\nevalprov: cannot start the harness: {exc}\n".encode())
+        if reason:
+            rc = LOST_RC
+            log.write(f"evalprov: not started: {reason}\n".encode())
+        else:
+            rc, reason = _run_harness(p, task, argv, env, cwd, stdin, log, lost)
     seconds = round(time.time() - start, 2)
     meta = {"name": task["name"], "slug": task["slug"], "rc": rc, "seconds": seconds,
             "started": start, "status": "succeeded" if rc == 0 else "failed"}
+    if reason:
+        meta["server_lost"] = reason
     with open(os.path.join(tdir, "evalprov-task.json"), "w") as f:
         json.dump(meta, f)
     archive = tdir + ".tar.gz"
@@ -144,6 +144,40 @@ def run_one(p, task):
     if rc != 0:
         meta["log_tail"] = tail(log_path, p["log_lines"])
     return meta
+
+
+def _run_harness(p, task, argv, env, cwd, stdin, log, lost):
+    """The harness's exit code, and why its server was lost when that ended it."""
+    try:
+        # its own process group, recorded: evalprov_stop_tasks stops it and all it started
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd,
+                                start_new_session=True,
+                                stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE)
+    except OSError as exc:
+        log.write(f"\nevalprov: cannot start the harness: {exc}\n".encode())
+        return 127, None
+    write_pid(os.path.join(task["dir"], "harness.pid"), proc.pid)
+    if stdin is not None:
+        try:
+            proc.stdin.write(stdin)
+            proc.stdin.close()
+        except OSError:  # it exited already: its log says why
+            pass
+    deadline = time.monotonic() + p["timeout"]
+    while True:
+        try:
+            return proc.wait(timeout=min(1.0, max(0.0, deadline - time.monotonic()))), None
+        except subprocess.TimeoutExpired:
+            pass
+        reason = lost()
+        if reason or time.monotonic() >= deadline:
+            end_task(p, task, proc)
+            proc.wait()
+            if reason:
+                log.write(f"\nevalprov: task ended: {reason}\n".encode())
+                return LOST_RC, reason
+            log.write(f"\nevalprov: task timed out after {p['timeout']} s\n".encode())
+            return 124, None
 
 
 def limit_of(task):
@@ -200,6 +234,39 @@ def beside_facts(spec, work):
     return out, record
 
 
+class ServerWatch:
+    """Each server the tasks call, asked for its health every `interval` seconds while they
+    run: `misses` answers in a row that are not 200 (a server that died, a node group that
+    lost a member) make it lost, and reason(url) then says so; the tasks calling it end."""
+
+    def __init__(self, urls, interval=2.0, misses=3, timeout=10.0):
+        self.urls, self.interval = sorted(urls), interval
+        self.misses, self.timeout = misses, timeout
+        self.count, self.lost = dict.fromkeys(self.urls, 0), {}
+
+    def reason(self, url):
+        return self.lost.get(url) if url else None
+
+    def look(self):
+        for url in self.urls:
+            if url in self.lost:
+                continue
+            status, what = http_answer(url, self.timeout)
+            if status == 200:
+                self.count[url] = 0
+                continue
+            self.count[url] += 1
+            if self.count[url] >= self.misses:
+                answer = (f"HTTP {status}" + (f": {what}" if what else "") if status
+                          else f"no answer: {what}")
+                self.lost[url] = (f"its server stopped serving: {url} answered {answer} "
+                                  f"{self.misses} times in a row while the tasks ran")
+
+    def run(self, stop):
+        while not stop.wait(self.interval):
+            self.look()
+
+
 def run_all(p, every=1.0):
     """Every task of p (at most p["concurrency"] at a time), the record's facts read beside
     them, progress.json rewritten every `every` seconds; returns what the module returns."""
@@ -228,20 +295,25 @@ def run_all(p, every=1.0):
             views[name]["status"] = "running"
             readers[name] = LogProgress(os.path.join(task["dir"], "logs", "harness.log"),
                                         limit_of(task))
-        meta = run_one(p, task)
+        meta = run_one(p, task, lambda: servers.reason(task.get("health_url")))
         with lock:
             views[name].update(status=meta["status"], seconds=meta["seconds"])
         return meta
 
+    servers = ServerWatch({t.get("health_url") for t in p["tasks"]} - {"", None},
+                          **p.get("server_watch", {}))
     look()
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
+    watchers = [threading.Thread(target=watch, daemon=True),
+                threading.Thread(target=servers.run, args=(stop,), daemon=True)]
+    for w in watchers:
+        w.start()
     try:
         done, record = beside_facts(p.get("provenance"),
                                     lambda: pool_map(one, p["tasks"], p["concurrency"]))
     finally:
         stop.set()
-        watcher.join()
+        for w in watchers:
+            w.join()
     look()
     return {"changed": bool(done), "tasks": done, "provenance": record,
             "failed_tasks": [t["name"] for t in done if t["rc"] != 0]}
