@@ -226,9 +226,11 @@ def check_supported(exe: SlurmExecution, dep: Any = None) -> None:
         group_shape(exe, dep)
 
 
-def group_shape(exe: SlurmExecution, dep: Any) -> tuple[int, int]:
-    """num_nodes > 1: (data-parallel ranks per node, GPUs per node the job uses); PlanError
-    naming the fields when the deployment does not split into whole ranks per node."""
+def group_shape(exe: SlurmExecution, dep: Any) -> tuple[str, int, int]:
+    """num_nodes > 1: (mode, data-parallel ranks per node, GPUs per node the job uses).
+    Whole data-parallel ranks per node when they fit a node ("data-parallel"); else one
+    rank over the nodes, TP inside a node and PP across them ("pipeline-parallel", vLLM's
+    multi-node multiprocessing); PlanError naming the fields when neither does."""
     from evalprov.config.models import VllmDeployment
 
     n = exe.num_nodes
@@ -241,43 +243,60 @@ def group_shape(exe: SlurmExecution, dep: Any) -> tuple[int, int]:
         raise PlanError(f"{where} — only a vLLM deployment is served over several nodes; use "
                         "num_nodes: 1")
     tp, pp, dp = dep.tensor_parallel_size, dep.pipeline_parallel_size, dep.data_parallel_size
-    if dp % n:
-        raise PlanError(f"{where} with deployment.data_parallel_size {dp}: evalprov spreads a "
-                        "deployment over Slurm nodes as vLLM's multi-node data parallel, "
-                        "whole ranks per node; make data_parallel_size a multiple of num_nodes")
-    local = dp // n
     gpus = exe.gpus_per_node
+    if dp == 1 and pp % n == 0 and (gpus is None or tp * pp // n <= gpus):
+        return "pipeline-parallel", 0, tp * pp // n
+    if dp % n:
+        raise PlanError(f"{where} with deployment.data_parallel_size {dp} x "
+                        f"pipeline_parallel_size {pp}: evalprov spreads a deployment over "
+                        "Slurm nodes as whole data-parallel ranks per node, or as pipeline "
+                        "stages across nodes (data_parallel_size 1); make data_parallel_size "
+                        "or pipeline_parallel_size a multiple of num_nodes")
+    local = dp // n
     if gpus is not None and local * tp * pp > gpus:
         raise PlanError(f"{where}: each node runs {local} data-parallel rank(s) of tensor x "
                         f"pipeline parallel {tp}x{pp} = {local * tp * pp} GPUs but has {gpus} "
-                        "(execution.gres); raise num_nodes or lower the parallel sizes (TP x PP "
-                        "over several nodes is not supported on Slurm yet)")
-    return local, local * tp * pp
+                        "(execution.gres); raise num_nodes or lower the parallel sizes")
+    return "data-parallel", local, local * tp * pp
 
 
 def group_spec(exe: SlurmExecution, dep: Any, inst: Any) -> dict[str, Any] | None:
     """The job's part of a deployment over num_nodes nodes (None for one node): the head
-    (the batch node) serves the API with data-parallel ranks 0..L-1; each other node runs
-    `vllm serve --headless` with its own ranks, started by the job with srun. The head's
-    address is known only on the node: the driver puts it at argv[address_at]."""
-    from evalprov.plan import DP_RPC_PORT, vllm_argv
+    (the batch node) serves the API; each other node runs `vllm serve --headless`, started
+    by the job with srun: data parallel, with its own ranks; pipeline parallel, with its
+    --node-rank of the one world. The head's address is known only on the node: the driver
+    puts it at argv[address_at]."""
+    from evalprov.plan import DP_RPC_PORT, MASTER_PORT, vllm_argv
 
     if exe.num_nodes <= 1 or inst is None:
         return None
-    local, used = group_shape(exe, dep)
-    port = DP_RPC_PORT
+    mode, local, used = group_shape(exe, dep)
+    n = exe.num_nodes
+    if mode == "data-parallel":
+        port, what = DP_RPC_PORT, "data-parallel rpc port"
+        tail = ["--data-parallel-address", "", "--data-parallel-rpc-port", str(port)]
+        head = [*inst.argv, "--data-parallel-size-local", str(local), *tail]
+    else:
+        port, what = MASTER_PORT, "torch.distributed master port"
+        tail = ["--master-addr", "", "--master-port", str(port)]
+        head = [*inst.argv, "--nnodes", str(n), "--node-rank", "0", *tail]
     if port == dep.port:
-        raise PlanError(f"deployment.port: {port} is the data-parallel rpc port of the job's "
-                        "head node; pick another deployment.port")
-    tail = ["--data-parallel-address", "", "--data-parallel-rpc-port", str(port)]
-    head = [*inst.argv, "--data-parallel-size-local", str(local), *tail]
+        raise PlanError(f"deployment.port: {port} is the {what} of the job's head node; pick "
+                        "another deployment.port")
     workers = []
-    for node in range(1, exe.num_nodes):
-        argv = [*vllm_argv(dep, inst.model, None), "--headless", "--data-parallel-size-local",
-                str(local), "--data-parallel-start-rank", str(node * local), *tail]
-        workers.append({"node": node, "rank": node * local, "argv": argv,
-                        "address_at": len(argv) - 3})
-    return {"nodes": exe.num_nodes, "local": local, "rpc_port": port,
+    for node in range(1, n):
+        if mode == "data-parallel":
+            argv = [*vllm_argv(dep, inst.model, None), "--headless",
+                    "--data-parallel-size-local", str(local), "--data-parallel-start-rank",
+                    str(node * local), *tail]
+            part = f"data-parallel ranks from {node * local}"
+        else:
+            argv = [*vllm_argv(dep, inst.model, None), "--headless", "--nnodes", str(n),
+                    "--node-rank", str(node), *tail]
+            part = f"node rank {node}"
+        workers.append({"node": node, "rank": node * local if local else node, "part": part,
+                        "argv": argv, "address_at": len(argv) - 3})
+    return {"nodes": n, "mode": mode, "local": local, "rpc_port": port,
             "gpus": list(range(used)), "head_argv": head, "address_at": len(head) - 3,
             "workers": workers}
 

@@ -228,6 +228,31 @@ def test_a_two_node_job_serves_as_a_data_parallel_head_and_a_headless_worker(clu
     assert leaked == []
 
 
+def test_a_two_node_job_serves_one_pipeline_parallel_world(cluster, work, tmp_path):
+    """num_nodes 2 with PP 2 (DP 1): vLLM's multi-node multiprocessing, the batch node node
+    rank 0 (the API), the other node `--headless --node-rank 1` joining the head's master
+    port; the head serves once it joined, the tasks run against it."""
+    local = tmp_path / "results"
+    proc = apply_seed(cluster, work, local, "-o", "execution.num_nodes=2",
+                      "-o", "deployment.data_parallel_size=1",
+                      "-o", "deployment.pipeline_parallel_size=2")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    s = summary(local)
+    assert {t["task"]: t["status"] for t in s["tasks"]} == {"ifeval": "succeeded",
+                                                           "gpqa_diamond": "succeeded"}
+    run_dir = work / s["run"]
+    (w,) = json.loads((run_dir / "job.json").read_text())["group"]["workers"]
+    assert "--node-rank" in w["argv"] and "--data-parallel-start-rank" not in w["argv"]
+    worker_log = (run_dir / "evalprov-vllm-0.w1.log").read_text()
+    (line,) = [ln for ln in worker_log.splitlines() if ln.startswith("evalprov job worker 1")]
+    assert "node rank 1, head " in line, line
+    addr = line.rsplit("head ", 1)[1]
+    assert (f"headless multiproc executor, with head node address {addr}:29501 for "
+            "torch.distributed process group") in worker_log, worker_log[-2000:]
+    for h in cluster.fleet.hosts:
+        assert cluster.fleet.docker(h.name, "ps", "-q").stdout.strip() == b""
+
+
 def test_a_server_that_dies_ends_the_job_at_once_quoting_its_log(cluster, work, tmp_path):
     """The stand-in crashes 3 s after start (STANDIN_EXIT_AFTER) with vLLM-like log lines:
     the job ends at once (not at the readiness timeout), every task is failed with the

@@ -169,8 +169,34 @@ def test_num_nodes_splits_the_data_parallel_ranks_into_a_head_and_headless_worke
     assert decision().host_vars[HOST]["evalprov_slurm_spec"]["group"] is None
 
 
+def test_num_nodes_with_pipeline_stages_is_one_world_over_the_nodes():
+    """DP 1, PP 2 over 2 nodes: vLLM's multi-node multiprocessing, the batch node node rank 0
+    (the API), the other `vllm serve --headless --node-rank 1`, both dialling the head's
+    master port (its address filled in on the node)."""
+    d = decision("-o", "execution.num_nodes=2", "-o", "deployment.data_parallel_size=1",
+                 "-o", "deployment.pipeline_parallel_size=2",
+                 "-o", "deployment.tensor_parallel_size=4")
+    g = d.host_vars[HOST]["evalprov_slurm_spec"]["group"]
+    inst = d.host_vars[HOST]["evalprov_slurm_spec"]["instance"]
+    assert (g["mode"], g["nodes"], g["rpc_port"], g["gpus"]) == (
+        "pipeline-parallel", 2, 29501, [0, 1, 2, 3])
+    assert g["head_argv"] == [*inst["argv"], "--nnodes", "2", "--node-rank", "0",
+                              "--master-addr", "", "--master-port", "29501"]
+    assert g["head_argv"][g["address_at"] - 1] == "--master-addr"
+    (w,) = g["workers"]
+    assert (w["node"], w["rank"], w["part"]) == (1, 1, "node rank 1")
+    assert w["argv"][w["argv"].index("--headless"):] == [
+        "--headless", "--nnodes", "2", "--node-rank", "1", "--master-addr", "",
+        "--master-port", "29501"]
+    assert "--port" not in w["argv"] and "--pipeline-parallel-size=2" in w["argv"]
+    assert w["argv"][w["address_at"] - 1] == "--master-addr"
+
+
 @pytest.mark.parametrize("overrides, words", [
-    (("execution.num_nodes=3",), "make data_parallel_size a multiple of num_nodes"),
+    (("execution.num_nodes=3",), "make data_parallel_size or pipeline_parallel_size a "
+     "multiple of num_nodes"),
+    (("execution.num_nodes=2", "deployment.data_parallel_size=1",
+      "deployment.pipeline_parallel_size=3"), "pipeline_parallel_size 3: evalprov spreads"),
     (("execution.num_nodes=2", "execution.gres=gpu:2"),
      "each node runs 4 data-parallel rank(s) of tensor x pipeline parallel 1x1 = 4 GPUs "
      "but has 2"),

@@ -280,7 +280,8 @@ class Job:
                 continue
             text = tail(os.path.join(self.dir, f"{inst['name']}.w{w['node']}.log"), 40)
             cause = decisive_line(text) or text.replace("\n", " ")[-300:]
-            return (f"worker on node {node} (data-parallel ranks from {w['rank']}) exited "
+            part = w.get("part") or f"data-parallel ranks from {w['rank']}"
+            return (f"worker on node {node} ({part}) exited "
                     f"({proc.returncode}) before the group served: {cause}")
         return None
 
@@ -483,7 +484,8 @@ def run_worker(job_dir, index, addr):
     log_path = os.path.join(job_dir, f"{inst['name']}.w{index}.log")
     with open(log_path, "a") as log:
         log.write(f"evalprov job worker {index} on node {os.uname().nodename}: "
-                  f"data-parallel ranks from {w['rank']}, head {addr}\n")
+                  f"{w.get('part') or 'data-parallel ranks from ' + str(w['rank'])}, "
+                  f"head {addr}\n")
 
     def head_gone():  # the head closes this step's stdin when it stops the group
         sys.stdin.read()
