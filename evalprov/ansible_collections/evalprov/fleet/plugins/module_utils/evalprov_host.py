@@ -308,11 +308,8 @@ def secret_file_path(name, directory=MEMORY_DIR):
     return os.path.join(directory, f"{name}.secrets.json")
 
 
-def write_secret_file(path, values, dry=False):
-    """values (a dict of str) as JSON in path, 0600, on a filesystem in memory only; True
-    when the file changed (dry: would change, nothing written). Raises ValueError when
-    path's filesystem is on a disk."""
-    directory = os.path.dirname(path)
+def require_memory(directory):
+    """ValueError unless directory is (or, once made, will be) on a filesystem in memory."""
     near = directory  # its nearest existing ancestor holds it once it is made
     while not os.path.isdir(near) and os.path.dirname(near) != near:
         near = os.path.dirname(near)
@@ -321,6 +318,14 @@ def write_secret_file(path, values, dry=False):
         raise ValueError(f"{directory} is on {kind or 'an unknown filesystem'}, not in memory "
                          "(tmpfs): evalprov never writes a secret to a disk; mount a tmpfs "
                          f"on {directory}")
+
+
+def write_secret_file(path, values, dry=False):
+    """values (a dict of str) as JSON in path, 0600, on a filesystem in memory only; True
+    when the file changed (dry: would change, nothing written). Raises ValueError when
+    path's filesystem is on a disk."""
+    directory = os.path.dirname(path)
+    require_memory(directory)
     if not dry:
         os.makedirs(directory, mode=0o700, exist_ok=True)
     data = json.dumps({str(k): str(v) for k, v in sorted(values.items())}).encode()

@@ -73,10 +73,12 @@ import time
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.evalprov.fleet.plugins.module_utils.evalprov_host import (
+    MEMORY_DIR,
     is_ours,
     pid_alive,
     proc_stat,
     read_state,
+    require_memory,
 )
 
 
@@ -143,8 +145,8 @@ def systemd(p, unit, action):
 
 
 def start_systemd(p, unit, log_path):
-    env_file = f"/run/evalprov/{p['name']}.env"  # tmpfs: values never reach the disk
-    os.makedirs("/run/evalprov", mode=0o700, exist_ok=True)
+    env_file = f"{MEMORY_DIR}/{p['name']}.env"  # in memory: values never reach the disk
+    os.makedirs(MEMORY_DIR, mode=0o700, exist_ok=True)
     fd = os.open(env_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         for k, v in (p["env"] or {}).items():
@@ -217,12 +219,17 @@ def main():
     supervisor = p["supervisor"]
     if supervisor == "auto":
         supervisor = "systemd" if systemd_is_init() else "background"
+    if supervisor == "systemd" and p["secret_env"] and p["state"] == "started":
+        try:  # systemd reads the environment from a file: it must be in memory
+            require_memory(MEMORY_DIR)
+        except ValueError as exc:
+            module.fail_json(msg=f"instance {name}: {exc}")
     if state.get("supervisor") == "systemd":
         systemd(p, unit, "stop")
     else:
         stop_background(state, p["stop_timeout"])
     if p["state"] == "absent":
-        for path in (state_path, f"/etc/systemd/system/{unit}", f"/run/evalprov/{name}.env"):
+        for path in (state_path, f"/etc/systemd/system/{unit}", f"{MEMORY_DIR}/{name}.env"):
             if os.path.exists(path):
                 os.unlink(path)
         module.exit_json(changed=True)
