@@ -420,13 +420,17 @@ def test_vllm_container_dies_during_a_task_then_rerun_restarts_it(env, tmp_path)
     rows = by_host_task(st["tasks"][run1.name])
     failed = rows[("h1", "ifeval")]
     assert failed["status"] == "failed" and failed["attempt"] == 1, failed
-    # the task's error is the harness's exit and the tail of its log
+    # the task's error names its server first (watched while the task ran; asked again when
+    # the harness gave up before the watch had counted enough misses), then the harness's
+    # exit and the tail of its log
     log = run1 / "h1" / "ifeval" / "logs" / "harness.log"
-    assert failed["error"].startswith("harness exited 1: ")
+    assert failed["error"].startswith("its server stopped serving: http://127.0.0.1:8000/"
+                                      "health did not answer ("), failed["error"]
+    assert "; harness exited " in failed["error"], failed["error"]
     last = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()][-1]
     assert last.strip() in failed["error"]
     assert "Connection refused" in log.read_text(errors="replace")
-    assert "error: h1/ifeval: harness exited 1" in text1
+    assert "error: h1/ifeval: its server stopped serving: " in text1, text1
     assert set(rows) == {("h1", "ifeval")}
     state = json.loads(fleet.docker("h1", "inspect", INSTANCE).stdout)[0]["State"]
     assert not state["Running"]

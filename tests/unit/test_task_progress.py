@@ -201,7 +201,7 @@ def test_a_server_that_stops_serving_ends_its_tasks_naming_it_and_starts_no_more
         other.close()
     by = {t["name"]: t for t in end["tasks"]}
     want = (f"its server stopped serving: {server.url} answered HTTP 503: data-parallel "
-            "rank(s) 2 lost: worker h2 gone 3 times in a row while the tasks ran")
+            "rank(s) 2 lost: worker h2 gone, 3 times in a row while the tasks ran")
     for name in ("ifeval", "gpqa_diamond"):
         assert by[name]["rc"] == tasks.LOST_RC and by[name]["server_lost"] == want, by[name]
     assert by["mmlu"]["rc"] == 0 and "server_lost" not in by["mmlu"]
@@ -240,3 +240,26 @@ def test_a_json_error_answer_is_reduced_to_its_message():
         server.close()
     status, what = host.http_answer(server.url, timeout=2)
     assert status == 0 and "refused" in what.lower()
+
+
+def test_a_task_that_fails_on_its_own_while_its_server_is_down_names_the_server(tmp_path):
+    """The harness gives up first (its requests refused) before the watch counted enough
+    misses: its failure is still put down to the server, asked again right then; a task
+    failing beside a healthy server keeps its own error."""
+    server = _Server()
+    try:
+        p = _params(tmp_path, "ifeval")
+        fail = tmp_path / "fail.py"
+        fail.write_text("import sys; print('openai.APIConnectionError'); sys.exit(1)\n")
+        p["tasks"][0]["argv"] = [sys.executable, str(fail)]
+        p["tasks"][0]["health_url"] = server.url
+        watch = tasks.ServerWatch({server.url}, interval=0.1, misses=3, timeout=5.0)
+        alive = tasks.run_one(p, p["tasks"][0], watch)
+        assert alive["rc"] == 1 and "server_lost" not in alive
+        server.status, server.body = 503, b"engine dead"
+        dead = tasks.run_one(p, p["tasks"][0], watch)
+    finally:
+        server.close()
+    assert dead["rc"] == 1 and dead["server_lost"] == (
+        f"its server stopped serving: {server.url} answered HTTP 503: engine dead, 3 times "
+        "in a row while the tasks ran")

@@ -109,10 +109,15 @@ def end_task(p, task, proc):
     stop_group(proc.pid)
 
 
-def run_one(p, task, lost=lambda: None):
-    """Run one task (p: runtime, env, timeout, log_lines) and pack its directory. lost():
-    why the task's server no longer answers (None while it does): then the task is ended,
-    or not started, and its record names that first."""
+def run_one(p, task, servers=None):
+    """Run one task (p: runtime, env, timeout, log_lines) and pack its directory. servers
+    (ServerWatch): when the task's server stops serving, the task is ended (or not started)
+    and its record names that first; so does a task that failed while its server was down."""
+    url = task.get("health_url")
+
+    def lost():
+        return servers.reason(url) if servers else None
+
     tdir = task["dir"]
     logs = os.path.join(tdir, "logs")
     for d in (os.path.join(tdir, "results"), logs):
@@ -130,6 +135,8 @@ def run_one(p, task, lost=lambda: None):
             log.write(f"evalprov: not started: {reason}\n".encode())
         else:
             rc, reason = _run_harness(p, task, argv, env, cwd, stdin, log, lost)
+            if rc != 0 and not reason and servers:  # its own exit first: was it the server?
+                reason = servers.confirm(url)
     seconds = round(time.time() - start, 2)
     meta = {"name": task["name"], "slug": task["slug"], "rc": rc, "seconds": seconds,
             "started": start, "status": "succeeded" if rc == 0 else "failed"}
@@ -242,25 +249,42 @@ class ServerWatch:
     def __init__(self, urls, interval=2.0, misses=3, timeout=10.0):
         self.urls, self.interval = sorted(urls), interval
         self.misses, self.timeout = misses, timeout
-        self.count, self.lost = dict.fromkeys(self.urls, 0), {}
+        self.count, self.lost, self.lock = dict.fromkeys(self.urls, 0), {}, threading.Lock()
 
     def reason(self, url):
         return self.lost.get(url) if url else None
 
-    def look(self):
-        for url in self.urls:
-            if url in self.lost:
-                continue
-            status, what = http_answer(url, self.timeout)
+    def confirm(self, url):
+        """Whether url's server is down, asked now `misses` times (a task failed: was its
+        server the cause?); the reason, or None when it answers 200."""
+        if not url or url in self.lost:
+            return self.reason(url)
+        for i in range(self.misses):
+            if i:
+                time.sleep(self.interval)
+            if self.ask(url):
+                return None
+        return self.lost.get(url)
+
+    def ask(self, url):
+        """One look at url; True when it answered 200 (a miss counts toward lost)."""
+        status, what = http_answer(url, self.timeout)
+        with self.lock:
             if status == 200:
                 self.count[url] = 0
-                continue
-            self.count[url] += 1
-            if self.count[url] >= self.misses:
-                answer = (f"HTTP {status}" + (f": {what}" if what else "") if status
-                          else f"no answer: {what}")
-                self.lost[url] = (f"its server stopped serving: {url} answered {answer} "
+                return True
+            self.count[url] = self.count.get(url, 0) + 1
+            if self.count[url] >= self.misses and url not in self.lost:
+                answer = (f"answered HTTP {status}" + (f": {what}" if what else "") if status
+                          else f"did not answer ({what})")
+                self.lost[url] = (f"its server stopped serving: {url} {answer}, "
                                   f"{self.misses} times in a row while the tasks ran")
+            return False
+
+    def look(self):
+        for url in self.urls:
+            if url not in self.lost:
+                self.ask(url)
 
     def run(self, stop):
         while not stop.wait(self.interval):
@@ -295,7 +319,7 @@ def run_all(p, every=1.0):
             views[name]["status"] = "running"
             readers[name] = LogProgress(os.path.join(task["dir"], "logs", "harness.log"),
                                         limit_of(task))
-        meta = run_one(p, task, lambda: servers.reason(task.get("health_url")))
+        meta = run_one(p, task, servers)
         with lock:
             views[name].update(status=meta["status"], seconds=meta["seconds"])
         return meta
