@@ -185,7 +185,8 @@ def test_a_member_that_fails_to_start_fails_its_group_at_once(mn_fleet, tmp_path
     assert code != 0, text
     assert "/root/evalprov-not-in-memory is on" in text and "not in memory (tmpfs)" in text
     # the head's wait ended with the worker's reason (a timeout would say "not healthy")
-    assert "h1: node group group-0 failed: host h2: " in text, text
+    assert "h1: node group group-0 failed: host h2: /root/evalprov-not-in-memory is on " \
+        in text, text
     assert "not healthy" not in text, text
     (rec,) = result.tasks
     assert rec["status"] == "missing", rec

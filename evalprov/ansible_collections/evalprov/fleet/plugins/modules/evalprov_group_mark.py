@@ -28,6 +28,13 @@ options:
     description: Why the group failed (the failing member's message).
     type: str
     default: ""
+  messages:
+    description:
+      - The failing task's messages, its failed items' first (a loop's own message only
+        says that items failed); the first one not empty is appended to reason.
+    type: list
+    elements: str
+    default: []
   by:
     description: The member that marks.
     type: str
@@ -57,12 +64,14 @@ def main():
             "run": {"type": "str", "required": True},
             "state": {"type": "str", "choices": ["ready", "failed"], "required": True},
             "reason": {"type": "str", "default": ""},
+            "messages": {"type": "list", "elements": "str", "default": []},
             "by": {"type": "str", "default": ""},
             "state_dir": {"type": "path", "required": True},
         },
         supports_check_mode=True,
     )
     p = module.params
+    reason = p["reason"] + next((m for m in p["messages"] if m), "")
     for key in ("group", "run"):
         if not NAME.fullmatch(p[key]):
             module.fail_json(msg=f"{key} {p[key]!r} is not a name")
@@ -71,7 +80,7 @@ def main():
     if old.get("state") == "failed" or old.get("state") == p["state"]:
         module.exit_json(changed=False, mark=old)
     if not module.check_mode:
-        write_group_mark(p["state_dir"], p["group"], p["run"], p["state"], p["reason"][:2000],
+        write_group_mark(p["state_dir"], p["group"], p["run"], p["state"], reason[:2000],
                          p["by"])
     module.exit_json(changed=True, mark={"state": p["state"]})
 
