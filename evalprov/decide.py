@@ -169,18 +169,25 @@ def task_action(p: Plan, t: TaskRun, index: int, inputs: Inputs, f: HostFacts | 
         "path_prepend": "" if docker else f"{p.harness_venv}/bin",
         "cwd": host_dir if docker or not samples else samples,
         "argv": argv,
-        # the server the task calls, watched while it runs (a server that stops answering
-        # ends its tasks at once, named as the cause); none for an endpoint not ours
-        "health_url": health_url(t.url, p.health_path) if t.instance is not None else "",
+        # the servers the task calls, watched while it runs (when all of them stop serving,
+        # its tasks end at once, named as the cause); none for an endpoint not ours
+        "health_urls": health_urls(p, t),
     }
 
 
-def health_url(url: str, path: str) -> str:
-    """The health check of the server behind a task's endpoint URL."""
+def health_urls(p: Plan, t: TaskRun) -> list[str]:
+    """The health checks of the servers behind a task's endpoint: its instance's, or each
+    instance's behind the host's proxy (asked directly: through the proxy, the checks would
+    count as requests the instances answered)."""
     from urllib.parse import urlsplit
 
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}{path}"
+    if t.instance is None:
+        return []
+    hp = p.host(t.host)
+    if hp.proxy is not None and t.instance == hp.proxy.name:
+        return [f"{i.base_url}{p.health_path}" for i in hp.instances if i.serves]
+    parts = urlsplit(t.url)
+    return [f"{parts.scheme}://{parts.netloc}{p.health_path}"]
 
 
 def provenance_spec(p: Plan, hp: Any) -> dict[str, Any]:

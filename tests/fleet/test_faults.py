@@ -38,6 +38,7 @@ from evalprov.hosts import host_facts
 from evalprov.inventory import task_vars
 from evalprov.ledger import DB_NAME, Ledger, task_key
 from tests.testbed import STANDIN_IMAGE
+from tests.testbed.util import beside
 
 pytestmark = pytest.mark.fleet
 
@@ -280,29 +281,18 @@ def _host_crash(fleet, inv: Path, image: str, where: Path) -> dict[str, Any]:
     config = write_config(where, image, ["ifeval", "gpqa_diamond", "gpqa_diamond_nemo"])
     out = where / "out"
     seen: dict[str, Any] = {}
-    errors: list[BaseException] = []
-    done = threading.Event()
 
-    def crash_h1() -> None:
-        try:
-            # mid-task: the ledger says running AND the harness container runs on h1
-            seen["running"] = wait_until(
-                lambda: host_tasks_running(out, "h1") if _running_eval(fleet, "h1") else [],
-                300, "h1's tasks running in a harness container", abort=done.is_set)
-            fleet.kill_host("h1")
-            seen["killed"] = time.monotonic()
-        except BaseException as exc:
-            errors.append(exc)
+    def crash_h1(done) -> None:
+        # mid-task: the ledger says running AND the harness container runs on h1
+        seen["running"] = wait_until(
+            lambda: host_tasks_running(out, "h1") if _running_eval(fleet, "h1") else [],
+            300, "h1's tasks running in a harness container", abort=done.is_set)
+        fleet.kill_host("h1")
+        seen["killed"] = time.monotonic()
 
-    crasher = threading.Thread(target=crash_h1, daemon=True)
-    crasher.start()
     t0 = time.monotonic()
-    try:
+    with beside(crash_h1):
         plan1, res1, run1, code1, text1 = run_apply(config, inv)
-    finally:
-        done.set()
-        crasher.join(60)
-    assert not errors, errors
     first_s = time.monotonic() - t0
     state1 = ledger(out)
     h2_dir = run1 / "h2" / "gpqa_diamond"
@@ -394,25 +384,13 @@ def test_vllm_container_dies_during_a_task_then_rerun_restarts_it(env, tmp_path)
                                     "request_timeout": 5}}}
     config = write_config(tmp_path, image, ["ifeval"], params=params)  # shard: h1 runs it
     out = tmp_path / "out"
-    errors: list[BaseException] = []
-    done = threading.Event()
+    def kill_server(done) -> None:
+        wait_until(lambda: host_tasks_running(out, "h1") and _running_eval(fleet, "h1"),
+                   300, "h1's task running in a harness container", abort=done.is_set)
+        fleet.docker("h1", "kill", INSTANCE)
 
-    def kill_server() -> None:
-        try:
-            wait_until(lambda: host_tasks_running(out, "h1") and _running_eval(fleet, "h1"),
-                       300, "h1's task running in a harness container", abort=done.is_set)
-            fleet.docker("h1", "kill", INSTANCE)
-        except BaseException as exc:
-            errors.append(exc)
-
-    killer = threading.Thread(target=kill_server, daemon=True)
-    killer.start()
-    try:
+    with beside(kill_server):
         _, _, run1, code1, text1 = run_apply(config, inv)
-    finally:
-        done.set()
-        killer.join(60)
-    assert not errors, errors
     assert code1 == 1, text1
     st = ledger(out)
     assert_settled(st)

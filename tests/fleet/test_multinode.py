@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import yaml
 from evalprov.config.loader import load_config
 from evalprov.plan import HostFacts, plan
 from tests.fleet.test_eval import remove_managed, run_apply, write_config
-from tests.testbed.util import wait_for
+from tests.testbed.util import beside, wait_for
 
 pytestmark = pytest.mark.fleet
 
@@ -66,30 +65,19 @@ def test_two_node_data_parallel_group_serves_the_tasks_and_recovers_a_killed_wor
     # the head takes 15 s to load, so a worker killed while it loads is seen by the wait
     config = write_config(tmp_path, image, [{"name": "ifeval"}], deployment={
         "data_parallel_size": 4, "env_vars": {"STANDIN_START_DELAY": "lit:15"}})
-    errors: list[BaseException] = []
-    done = threading.Event()
     killed: dict[str, float] = {}
 
-    def kill_worker() -> None:
-        try:
-            (cid,) = wait_for(lambda: container(fleet, "h2"), timeout=300,
-                              what="the worker's container on h2", interval=0.2)
-            wait_for(lambda: ranks(fleet, "h1")["joined"] == [0, 1, 2, 3], timeout=60,
-                     what="every rank joined on h1")
-            fleet.docker("h2", "kill", cid)
-            killed["at"] = time.monotonic()
-        except BaseException as exc:
-            errors.append(exc)
+    def kill_worker(_done) -> None:
+        (cid,) = wait_for(lambda: container(fleet, "h2"), timeout=300,
+                          what="the worker's container on h2", interval=0.2)
+        wait_for(lambda: ranks(fleet, "h1")["joined"] == [0, 1, 2, 3], timeout=60,
+                 what="every rank joined on h1")
+        fleet.docker("h2", "kill", cid)
+        killed["at"] = time.monotonic()
 
-    killer = threading.Thread(target=kill_worker, daemon=True)
-    killer.start()
-    try:
+    with beside(kill_worker):
         plan, result, _, code, text = run_apply(config, inv, limit="h1,h2")
-    finally:
-        done.set()
-        killer.join(60)
     ended = time.monotonic()
-    assert not errors, errors
     (g,) = plan.groups
     assert (g.hosts, g.mode) == (("h1", "h2"), "data-parallel")
     assert code != 0, text
@@ -135,23 +123,13 @@ def test_a_worker_lost_while_the_tasks_run_ends_them_at_once_naming_the_group(
     config = write_config(tmp_path, image, [{"name": "ifeval"}], deployment={
         "data_parallel_size": 4, "env_vars": {"STANDIN_SLOW_AFTER": "lit:1",
                                               "STANDIN_SLOW_SECONDS": "lit:600"}})
-    errors: list[BaseException] = []
+    def kill_worker(_done) -> None:
+        wait_for(lambda: ranks(fleet, "h1")["requests"] >= 1, timeout=300, interval=0.5,
+                 what="the head to answer the task's first request")
+        fleet.docker("h2", "kill", INSTANCE)
 
-    def kill_worker() -> None:
-        try:
-            wait_for(lambda: ranks(fleet, "h1")["requests"] >= 1, timeout=300, interval=0.5,
-                     what="the head to answer the task's first request")
-            fleet.docker("h2", "kill", INSTANCE)
-        except BaseException as exc:
-            errors.append(exc)
-
-    killer = threading.Thread(target=kill_worker, daemon=True)
-    killer.start()
-    try:
+    with beside(kill_worker):
         _, result, _, code, text = run_apply(config, inv, limit="h1,h2")
-    finally:
-        killer.join(60)
-    assert not errors, errors
     assert code != 0, text
     (rec,) = result.tasks
     assert rec["status"] == "failed" and rec["host"] == "h1", rec

@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -47,6 +48,30 @@ def run(
             f"stderr: {proc.stderr.decode(errors='replace')[-2000:]}"
         )
     return proc
+
+
+@contextlib.contextmanager
+def beside(fn: Callable[[threading.Event], None], *, join: float = 60.0):
+    """Run fn(done) in a thread while the block runs (a fault injected into a run, say);
+    done is set when the block ends, and fn's error is raised after it."""
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            fn(done)
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield done
+    finally:
+        done.set()
+        thread.join(join)
+    if errors:
+        raise AssertionError(f"beside the block: {errors[0]!r}") from errors[0]
 
 
 def wait_for(

@@ -118,3 +118,16 @@ def test_actions_start_wait_and_remove_the_proxy(make):
     a = check(make(proxy={"type": "none"}),
               {"h": facts(units=units, proxy=ours, image_id="sha256:1")}).hosts["h"]
     assert a.proxy_remove and "remove evalprov-lb: not in the plan" in a.reasons
+
+
+def test_a_task_behind_the_proxy_watches_each_instance_directly(make):
+    """While tasks run, their servers' /health is watched: behind a proxy, each instance's
+    own (through the proxy the looks would be counted as requests the instances answered);
+    a task on a single instance watches that one."""
+    from evalprov.decide import health_urls
+
+    p = make(hosts=(("a", 8), ("b", 2)))
+    a, b = p.hosts
+    assert health_urls(p, a.tasks[0]) == [f"http://127.0.0.1:{8000 + i}/health"
+                                         for i in range(4)]
+    assert health_urls(p, b.tasks[0]) == ["http://127.0.0.1:8000/health"]

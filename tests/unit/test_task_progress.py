@@ -181,8 +181,8 @@ def test_a_server_that_stops_serving_ends_its_tasks_naming_it_and_starts_no_more
         p["concurrency"] = 2  # ifeval and mmlu run; gpqa_diamond waits for ifeval's slot
         p["tasks"] = [p["tasks"][0], p["tasks"][2], p["tasks"][1]]
         for t in p["tasks"]:
-            t["health_url"] = server.url
-        p["tasks"][1]["health_url"] = other.url  # mmlu: another server
+            t["health_urls"] = [server.url]
+        p["tasks"][1]["health_urls"] = [other.url]  # mmlu: another server
         p["server_watch"] = {"interval": 0.2, "misses": 3, "timeout": 5.0}
         tasks.start(p)
         run_dir = p["run_dir"]
@@ -252,7 +252,7 @@ def test_a_task_that_fails_on_its_own_while_its_server_is_down_names_the_server(
         fail = tmp_path / "fail.py"
         fail.write_text("import sys; print('openai.APIConnectionError'); sys.exit(1)\n")
         p["tasks"][0]["argv"] = [sys.executable, str(fail)]
-        p["tasks"][0]["health_url"] = server.url
+        p["tasks"][0]["health_urls"] = [server.url]
         watch = tasks.ServerWatch({server.url}, interval=0.1, misses=3, timeout=5.0)
         alive = tasks.run_one(p, p["tasks"][0], watch)
         assert alive["rc"] == 1 and "server_lost" not in alive
@@ -263,3 +263,22 @@ def test_a_task_that_fails_on_its_own_while_its_server_is_down_names_the_server(
     assert dead["rc"] == 1 and dead["server_lost"] == (
         f"its server stopped serving: {server.url} answered HTTP 503: engine dead, 3 times "
         "in a row while the tasks ran")
+
+
+def test_servers_behind_one_proxy_are_lost_only_when_all_of_them_are(tmp_path):
+    up, down = _Server(), _Server()
+    try:
+        down.status = 503
+        watch = tasks.ServerWatch({up.url, down.url}, interval=0.05, misses=2, timeout=5.0)
+        for _ in range(3):
+            watch.look()
+        assert watch.reason([up.url, down.url]) is None  # the proxy still has one
+        assert watch.reason([down.url]).startswith(f"its server stopped serving: {down.url} ")
+        assert watch.confirm([up.url, down.url]) is None
+        up.status = 503
+        assert watch.confirm([up.url, down.url]).startswith(  # the first one named
+            f"its server stopped serving: {up.url} answered HTTP 503")
+        assert watch.reason([]) is None and watch.confirm([]) is None
+    finally:
+        up.close()
+        down.close()

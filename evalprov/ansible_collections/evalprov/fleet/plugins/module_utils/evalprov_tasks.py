@@ -113,10 +113,10 @@ def run_one(p, task, servers=None):
     """Run one task (p: runtime, env, timeout, log_lines) and pack its directory. servers
     (ServerWatch): when the task's server stops serving, the task is ended (or not started)
     and its record names that first; so does a task that failed while its server was down."""
-    url = task.get("health_url")
+    urls = task.get("health_urls") or []
 
     def lost():
-        return servers.reason(url) if servers else None
+        return servers.reason(urls) if servers else None
 
     tdir = task["dir"]
     logs = os.path.join(tdir, "logs")
@@ -136,7 +136,7 @@ def run_one(p, task, servers=None):
         else:
             rc, reason = _run_harness(p, task, argv, env, cwd, stdin, log, lost)
             if rc != 0 and not reason and servers:  # its own exit first: was it the server?
-                reason = servers.confirm(url)
+                reason = servers.confirm(urls)
     seconds = round(time.time() - start, 2)
     meta = {"name": task["name"], "slug": task["slug"], "rc": rc, "seconds": seconds,
             "started": start, "status": "succeeded" if rc == 0 else "failed"}
@@ -244,27 +244,32 @@ def beside_facts(spec, work):
 class ServerWatch:
     """Each server the tasks call, asked for its health every `interval` seconds while they
     run: `misses` answers in a row that are not 200 (a server that died, a node group that
-    lost a member) make it lost, and reason(url) then says so; the tasks calling it end."""
+    lost a member) make it lost; reason(urls) says so once every server a task calls (one,
+    or each behind a proxy) is lost, and the tasks calling them end."""
 
     def __init__(self, urls, interval=2.0, misses=3, timeout=10.0):
         self.urls, self.interval = sorted(urls), interval
         self.misses, self.timeout = misses, timeout
         self.count, self.lost, self.lock = dict.fromkeys(self.urls, 0), {}, threading.Lock()
 
-    def reason(self, url):
-        return self.lost.get(url) if url else None
+    def reason(self, urls):
+        """Why the servers at urls are lost (None while one of them serves, or no urls)."""
+        if urls and all(u in self.lost for u in urls):
+            return self.lost[urls[0]]
+        return None
 
-    def confirm(self, url):
-        """Whether url's server is down, asked now `misses` times (a task failed: was its
-        server the cause?); the reason, or None when it answers 200."""
-        if not url or url in self.lost:
-            return self.reason(url)
-        for i in range(self.misses):
-            if i:
-                time.sleep(self.interval)
-            if self.ask(url):
-                return None
-        return self.lost.get(url)
+    def confirm(self, urls):
+        """Whether the servers at urls are down, each asked now up to `misses` times (a task
+        failed: were its servers the cause?); the reason, or None when one answers 200."""
+        for url in urls:
+            if url in self.lost:
+                continue
+            for i in range(self.misses):
+                if i:
+                    time.sleep(self.interval)
+                if self.ask(url):
+                    return None
+        return self.reason(urls)
 
     def ask(self, url):
         """One look at url; True when it answered 200 (a miss counts toward lost)."""
@@ -324,7 +329,7 @@ def run_all(p, every=1.0):
             views[name].update(status=meta["status"], seconds=meta["seconds"])
         return meta
 
-    servers = ServerWatch({t.get("health_url") for t in p["tasks"]} - {"", None},
+    servers = ServerWatch({u for t in p["tasks"] for u in t.get("health_urls") or []},
                           **p.get("server_watch", {}))
     look()
     watchers = [threading.Thread(target=watch, daemon=True),
