@@ -175,6 +175,14 @@ def problems_of(plan: Plan, host: str, f: HostFacts, fit: bool = True) -> list[s
     if busy:
         out.append(f"host {host}: port(s) {', '.join(map(str, busy))} already in use by "
                    "something evalprov did not start; stop it or set deployment.port")
+    for inst in hp.instances:  # a group head's rpc / master port: its workers dial it
+        unit = f.units.get(inst.name)
+        if (inst.role == "head" and inst.rpc_port in f.listening
+                and not (unit is not None and unit.running)):
+            out.append(f"host {host}: port {inst.rpc_port}, node group {inst.group}'s "
+                       f"{'rpc' if '--data-parallel-rpc-port' in inst.argv else 'master'} "
+                       "port on its head, is already in use by something evalprov did not "
+                       "start; stop it")
     for path in plan.checkpoints:
         if hp.instances and not f.dirs.get(path, False):
             out.append(f"host {host}: checkpoint_path {path} is not a directory on the host; "

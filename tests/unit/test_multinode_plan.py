@@ -449,3 +449,23 @@ def test_a_pipeline_group_is_checked_like_a_data_parallel_one(make):
     assert checked.problems == ()
     assert [i.role for i in checked.hosts["h1"].start] == ["head"]
     assert [i.role for i in checked.hosts["h2"].start] == ["worker"]
+
+
+@pytest.mark.parametrize(("sizes_", "port", "what"), [
+    ({"tp": 2, "dp": 4}, DP_RPC_PORT, "rpc"), ({"tp": 4, "pp": 2}, MASTER_PORT, "master")])
+def test_a_group_port_held_by_something_else_on_the_head_is_a_problem(make, sizes_, port,
+                                                                      what):
+    """The head's rpc (data parallel) or master (pipeline parallel) port, which its workers
+    dial, is checked like the API port: taken by a process evalprov did not start, one line
+    naming it; held by the group's own running head, no problem."""
+    from evalprov.check import check
+
+    p = make([("h1", 4, "10.1.0.1"), ("h2", 4, "10.1.0.2")], **sizes_)
+    taken = group_facts(p, running=(), listening=frozenset({port}))
+    taken = {h: dataclasses.replace(f, gpu_count=4) for h, f in taken.items()}
+    problems = check(p, taken).problems
+    assert problems == (f"host h1: port {port}, node group group-0's {what} port on its head, "
+                        "is already in use by something evalprov did not start; stop it",)
+    ours = {h: dataclasses.replace(f, gpu_count=4) for h, f in
+            group_facts(p, listening=frozenset({port})).items()}
+    assert check(p, ours).problems == ()
