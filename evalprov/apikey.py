@@ -48,20 +48,23 @@ def secret_path(environ: dict[str, str] | None = None) -> Path:
 
 
 def needed(config: Config) -> bool:
-    """Whether the deployment's API is opened beyond loopback (then evalprov keys it)."""
+    """Whether the deployment's API is opened beyond loopback (then evalprov keys it): by
+    deployment.host, or on Slurm by instances on other nodes than the batch node's (the
+    proxy there reaches them over the cluster's network)."""
     dep = config.deployment
-    return isinstance(dep, VllmDeployment) and dep.exposed
+    if not isinstance(dep, VllmDeployment):
+        return False
+    if isinstance(config.execution, SlurmExecution):
+        return config.execution.num_instances > 1
+    return dep.exposed
 
 
 def keyed(config: Config) -> bool:
     """Whether the servers require a key (opened, or the user gives vLLM one): then the
-    harness and the health checks send it. (Slurm: not handled here; plan refuses an
-    opened API there.)"""
+    harness and the health checks send it."""
     dep = config.deployment
-    if isinstance(config.execution, SlurmExecution):
-        return False
     return isinstance(dep, VllmDeployment) and (
-        dep.exposed or VLLM_ENV in {**config.env_vars, **dep.env_vars})
+        needed(config) or VLLM_ENV in {**config.env_vars, **dep.env_vars})
 
 
 def controller_secret(path: Path | None = None) -> bytes:

@@ -206,7 +206,8 @@ def provenance_spec(p: Plan, hp: Any) -> dict[str, Any]:
                  "hf_cache": cache or f"{p.work_dir}/hf-cache"}
     return {
         "runtime": p.runtime,
-        "instances": [{"name": i.name, "port": i.port} for i in hp.instances],
+        # the instances on the node the tasks run on (Slurm: the batch node's)
+        "instances": [{"name": i.name, "port": i.port} for i in hp.instances if not i.node],
         "images": [p.image] if docker and p.image and hp.instances else [],
         "model": model,
         "hash_cache": f"{p.work_dir}/checkpoint-hashes.json",

@@ -39,6 +39,7 @@ BALANCES = ("leastconn", "roundrobin")
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _HOSTNAME_RE = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
+_VAR_RE = re.compile(r"[A-Z][A-Z0-9_]{0,62}")
 _PATH_RE = re.compile(r"/[A-Za-z0-9._~/-]{0,200}")
 
 
@@ -52,6 +53,14 @@ class Server(NamedTuple):
     name: str
     host: str
     port: int
+
+
+class NodeAddress(NamedTuple):
+    """A backend host known only where haproxy runs (a Slurm node's address): rendered as
+    haproxy's "${VAR}", whose value the process starting haproxy puts in its environment
+    (a checked IP address)."""
+
+    var: str
 
 
 @dataclass(frozen=True)
@@ -77,7 +86,13 @@ def _name(value: object, what: str) -> str:
 
 
 def _host(value: object, what: str) -> str:
-    """A plain IP address or DNS host name, rendered as haproxy reads it."""
+    """A plain IP address or DNS host name, rendered as haproxy reads it (a NodeAddress:
+    its environment variable)."""
+    if isinstance(value, NodeAddress):
+        if not _VAR_RE.fullmatch(value.var):
+            raise LbError(f"{what} {value.var!r} is not an environment variable name: use "
+                          "capitals, digits and '_'")
+        return f'"${{{value.var}}}"'
     if isinstance(value, str) and "%" not in value:
         try:
             ip = ipaddress.ip_address(value)

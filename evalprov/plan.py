@@ -98,6 +98,10 @@ class Instance:
     nodes: tuple[str, ...] = ()  # the group's hosts, head first
     head_address: str | None = None  # where the members reach the head
     rpc_port: int = 0  # on the head: vLLM's --data-parallel-rpc-port, or its --master-port
+    # Slurm: the node of the job's allocation the instance (its head) runs on, 0 the batch
+    # node (the harness and the proxy are there); on another node it listens on the
+    # node's address (argv's --host, SLURM_NODE_ADDRESS until the node fills it in)
+    node: int = 0
 
     @property
     def base_url(self) -> str:
@@ -373,9 +377,9 @@ def server_env(config: Config, dep: VllmDeployment
     memory that the container mounts, never in its config)."""
     specs = {**config.env_vars, **dep.env_vars}
     names = _env_names(config.env_vars, dep.env_vars,
-                       dict.fromkeys([apikey.VLLM_ENV] if dep.exposed else []))
+                       dict.fromkeys([apikey.VLLM_ENV] if apikey.needed(config) else []))
     literals = tuple(sorted(plain_literals(specs).items()))
-    secret = bool(secret_specs(specs)) or dep.exposed
+    secret = bool(secret_specs(specs)) or apikey.needed(config)
     docker = config.execution.runtime == "docker"
     return names, literals, {"secrets": "memory-file"} if secret and docker else {}
 
@@ -522,18 +526,49 @@ def assign_tasks(config: Config, hosts: list[HostFacts],
 
 
 def slurm_hosts(execution: SlurmExecution) -> list[HostFacts]:
-    """A Slurm run plans against its allocation: one node per instance, gres GPUs each;
-    a single instance is the cluster itself, named by its login node."""
-    if execution.num_instances == 1:
-        # num_nodes > 1: one instance over the allocation's nodes (slurm.group_spec splits
-        # it into a head and headless workers), planned against all their GPUs
-        gpus = execution.gpus_per_node
-        return [HostFacts(execution.hostname,
-                          gpus * execution.num_nodes if gpus is not None else None)]
-    return [
-        HostFacts(f"{execution.hostname}/instance-{i}", execution.gpus_per_node)
-        for i in range(execution.num_instances)
-    ]
+    """A Slurm run plans against its allocation as one host, the cluster, named by its login
+    node, with the GPUs of the nodes one instance spans (num_nodes / num_instances of them:
+    slurm.group_spec splits an instance over several into a head and headless workers)."""
+    per = slurm_nodes_per_instance(execution)
+    gpus = execution.gpus_per_node
+    return [HostFacts(execution.hostname, gpus * per if gpus is not None else None)]
+
+
+def slurm_nodes_per_instance(execution: SlurmExecution) -> int:
+    """NEL's topology: num_instances instances of num_nodes / num_instances nodes each."""
+    n, k = execution.num_nodes, execution.num_instances
+    if n % k:
+        raise PlanError(f"execution.num_nodes: {n} is not a multiple of execution.num_instances "
+                        f"{k}: each instance runs on num_nodes / num_instances nodes; give "
+                        f"num_nodes {k * max(1, n // k)} or num_instances a divisor of {n}")
+    return n // k
+
+
+SLURM_NODE_ADDRESS = "<node address>"
+NODE_ENV = "EVALPROV_NODE_"  # + the node's index: its address, in haproxy's environment
+
+
+def slurm_instances(config: Config, planned: tuple[Instance, ...]) -> tuple[Instance, ...]:
+    """execution.num_instances on Slurm: the planned instance once per num_nodes /
+    num_instances nodes, instance i's head on node i x that. Every one has the same port
+    (each on its own node); all but the batch node's listen on their node's address, for the
+    proxy on the batch node (so they require the deployment's API key: apikey.needed)."""
+    exe = config.execution
+    assert isinstance(exe, SlurmExecution)
+    per = slurm_nodes_per_instance(exe)
+    if len(planned) != 1:
+        raise PlanError(f"execution.instances_per_host: {exe.instances_per_host} with "
+                        f"execution.num_instances {exe.num_instances}: on Slurm each instance "
+                        "has its own node(s); remove instances_per_host")
+    first = planned[0]
+    out = [first]
+    for i in range(1, exe.num_instances):
+        argv = list(first.argv)
+        argv[argv.index("--host") + 1] = SLURM_NODE_ADDRESS
+        out.append(dataclasses.replace(
+            first, index=i, name=container_name(i), argv=tuple(argv), node=i * per,
+            spec_hash=spec_hash(instance=first.spec_hash, node=i * per)))
+    return tuple(out)
 
 
 def check_unique_hosts(hosts: list[HostFacts]) -> None:
@@ -552,7 +587,7 @@ def plan(config: Config, hosts: list[HostFacts], api_key_id: str = "") -> Plan:
     ``api_key_id``: the fingerprint of the deployment's API key (apikey.fingerprint), part
     of each instance's spec (a new key recreates the servers that require the old one)."""
     if isinstance(config.execution, SlurmExecution):
-        if apikey.needed(config):
+        if isinstance(config.deployment, VllmDeployment) and config.deployment.exposed:
             raise PlanError(f"deployment.host: {config.deployment.host} opens the API, which "
                             "evalprov does not do on Slurm (the tasks run in the server's own "
                             "job); remove deployment.host")
@@ -575,6 +610,9 @@ def plan(config: Config, hosts: list[HostFacts], api_key_id: str = "") -> Plan:
                 continue
             try:
                 instances[h.name] = plan_instances(config, h, api_key_id)
+                if isinstance(config.execution, SlurmExecution) and \
+                        config.execution.num_instances > 1:
+                    instances[h.name] = slurm_instances(config, instances[h.name])
             except PlanError as exc:
                 errors.extend(exc.lines)
                 failed.append(h.name)
@@ -901,7 +939,8 @@ def plan_proxy(config: Config, host: str, instances: tuple[Instance, ...]) -> Pr
     try:
         text = lb.render_haproxy_cfg(
             listen_host=listen, listen_port=port, stats_port=port + 1, health_path=path,
-            servers=[lb.Server(name, LOOPBACK, p) for name, p in servers])
+            servers=[lb.Server(i.name, lb.NodeAddress(f"{NODE_ENV}{i.node}") if i.node
+                               else LOOPBACK, i.port) for i in instances])
     except lb.LbError as exc:
         raise PlanError(f"execution.proxy.config: {exc}") from None
     digest = spec_hash(config=text, members=[i.spec_hash for i in instances])

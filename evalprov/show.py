@@ -121,7 +121,11 @@ def _group_lines(plan: Plan, g: NodeGroup) -> list[str]:
 def _instance_line(plan: Plan, inst: Instance) -> str:
     gpus = f"GPUs {_gpus(inst.gpus)}  spec {inst.spec_hash}"
     if inst.role == "single":
-        return f"  instance {inst.name}  port {inst.port}  {gpus}"
+        where = ""
+        if any(i.node for i in plan.instances):  # Slurm, instances on their own nodes
+            where = (f"  on node {inst.node}" + (" (the batch node, loopback)" if not inst.node
+                                                 else " (its address, key required)"))
+        return f"  instance {inst.name}  port {inst.port}{where}  {gpus}"
     if inst.role == "head":
         return f"  instance {inst.name} (head of {inst.group})  port {inst.port}  {gpus}"
     (g,) = [g for g in plan.groups if g.name == inst.group]

@@ -147,15 +147,15 @@ def make_job(p, exe: SlurmExecution, inputs, tasks: list[dict[str, Any]],
     directory = job_dir(exe, inputs.run_id)
     name = job_name(exe, inputs.owner)
     argv = ("sbatch", "--parsable", *sbatch_options(exe, directory, name, p.device))
-    inst = p.instances[0] if p.instances else None
     spec = {
         "runtime": p.runtime, "device": p.device, "vllm_venv": p.vllm_venv,
         "health_path": p.health_path, "served_model_name": p.served_model_name,
         "health_timeout": min(p.health_timeout, walltime_seconds(exe.walltime)),
         "task_timeout": walltime_seconds(exe.max_walltime or exe.walltime),
         "concurrency": p.eval_concurrency,
-        "instance": instance_vars(inst) if inst else None,
-        "group": group_spec(exe, inputs.config.deployment, inst),
+        "nodes": exe.num_nodes,
+        "instances": job_instances(p, exe, inputs.config.deployment),
+        "proxy": job_proxy(p),
         "tasks": tasks, "sbatch_argv": list(argv), "resumes_left": resumes(exe),
         "walltime": walltime_seconds(exe.walltime), "signal_lead": signal_lead(exe),
         "provenance": facts or {},
@@ -216,29 +216,36 @@ def check_facts(host: str, exe: SlurmExecution, job: Job, facts: dict[str, Any],
 
 
 def check_supported(exe: SlurmExecution, dep: Any = None) -> None:
-    """What a Slurm job can serve: one instance, on one node or, as vLLM's multi-node data
-    parallel, over num_nodes nodes (whole data-parallel ranks per node)."""
-    if exe.num_instances > 1:
-        raise PlanError(f"execution.num_instances: {exe.num_instances} — several instances "
-                        "behind one endpoint are not supported on Slurm yet; use "
-                        "num_instances: 1")
-    if exe.num_nodes > 1:
-        group_shape(exe, dep)
+    """What a Slurm job can serve: num_instances instances of num_nodes / num_instances
+    nodes each (NEL's topology), an instance over several of them as vLLM's multi-node data
+    parallel (whole data-parallel ranks per node) or pipeline parallel; several instances
+    behind the proxy on the batch node."""
+    from evalprov.plan import slurm_nodes_per_instance
+
+    per = slurm_nodes_per_instance(exe)
+    if exe.num_instances > 1 and exe.instances_per_host != 1:
+        raise PlanError(f"execution.instances_per_host: {exe.instances_per_host} with "
+                        f"execution.num_instances {exe.num_instances}: on Slurm each instance "
+                        "has its own node(s); remove instances_per_host")
+    if per > 1:
+        group_shape(exe, dep, per)
 
 
-def group_shape(exe: SlurmExecution, dep: Any) -> tuple[str, int, int]:
-    """num_nodes > 1: (mode, data-parallel ranks per node, GPUs per node the job uses).
+def group_shape(exe: SlurmExecution, dep: Any, n: int | None = None) -> tuple[str, int, int]:
+    """An instance over n nodes (default num_nodes): (mode, data-parallel ranks per node,
+    GPUs per node the job uses).
     Whole data-parallel ranks per node when they fit a node ("data-parallel"); else one
     rank over the nodes, TP inside a node and PP across them ("pipeline-parallel", vLLM's
     multi-node multiprocessing); PlanError naming the fields when neither does."""
     from evalprov.config.models import VllmDeployment
 
-    n = exe.num_nodes
-    where = f"execution.num_nodes: {n}"
+    n = n or exe.num_nodes
+    where = f"execution.num_nodes: {exe.num_nodes}" + (
+        f" over num_instances {exe.num_instances} ({n} nodes each)" if n != exe.num_nodes else "")
     if exe.instances_per_host != 1:
         raise PlanError(f"{where} with execution.instances_per_host "
-                        f"{exe.instances_per_host}: a job over several nodes serves one "
-                        "instance; remove instances_per_host")
+                        f"{exe.instances_per_host}: an instance over several nodes is the "
+                        "only one on them; remove instances_per_host")
     if not isinstance(dep, VllmDeployment):
         raise PlanError(f"{where} — only a vLLM deployment is served over several nodes; use "
                         "num_nodes: 1")
@@ -251,7 +258,8 @@ def group_shape(exe: SlurmExecution, dep: Any) -> tuple[str, int, int]:
                         f"pipeline_parallel_size {pp}: evalprov spreads a deployment over "
                         "Slurm nodes as whole data-parallel ranks per node, or as pipeline "
                         "stages across nodes (data_parallel_size 1); make data_parallel_size "
-                        "or pipeline_parallel_size a multiple of num_nodes")
+                        "or pipeline_parallel_size a multiple of num_nodes"
+                        + (f" / num_instances ({n})" if n != exe.num_nodes else ""))
     local = dp // n
     if gpus is not None and local * tp * pp > gpus:
         raise PlanError(f"{where}: each node runs {local} data-parallel rank(s) of tensor x "
@@ -261,17 +269,17 @@ def group_shape(exe: SlurmExecution, dep: Any) -> tuple[str, int, int]:
 
 
 def group_spec(exe: SlurmExecution, dep: Any, inst: Any) -> dict[str, Any] | None:
-    """The job's part of a deployment over num_nodes nodes (None for one node): the head
-    (the batch node) serves the API; each other node runs `vllm serve --headless`, started
+    """An instance's part of the job over its num_nodes / num_instances nodes (None for one
+    node): its head serves the API; each other node runs `vllm serve --headless`, started
     by the job with srun: data parallel, with its own ranks; pipeline parallel, with its
-    --node-rank of the one world. The head's address is known only on the node: the driver
-    puts it at argv[address_at]."""
-    from evalprov.plan import DP_RPC_PORT, MASTER_PORT, vllm_argv
+    --node-rank of the one world. Worker "node"s count from the instance's head node. The
+    head's address is known only on the node: the driver puts it at argv[address_at]."""
+    from evalprov.plan import DP_RPC_PORT, MASTER_PORT, slurm_nodes_per_instance, vllm_argv
 
-    if exe.num_nodes <= 1 or inst is None:
+    n = slurm_nodes_per_instance(exe)
+    if n <= 1:
         return None
-    mode, local, used = group_shape(exe, dep)
-    n = exe.num_nodes
+    mode, local, used = group_shape(exe, dep, n)
     if mode == "data-parallel":
         port, what = DP_RPC_PORT, "data-parallel rpc port"
         tail = ["--data-parallel-address", "", "--data-parallel-rpc-port", str(port)]
@@ -299,6 +307,34 @@ def group_spec(exe: SlurmExecution, dep: Any, inst: Any) -> dict[str, Any] | Non
     return {"nodes": n, "mode": mode, "local": local, "rpc_port": port,
             "gpus": list(range(used)), "head_argv": head, "address_at": len(head) - 3,
             "workers": workers}
+
+
+def job_instances(p, exe: SlurmExecution, dep: Any) -> list[dict[str, Any]]:
+    """Each instance the job serves: its vars, the node its head runs on, its group (over
+    several nodes) and where its argv takes its node's address (host_at; None: loopback)."""
+    from evalprov.plan import SLURM_NODE_ADDRESS
+
+    out = []
+    for inst in p.instances:
+        argv = list(inst.argv)
+        out.append({"instance": instance_vars(inst), "node": inst.node,
+                    "group": group_spec(exe, dep, inst),
+                    "host_at": argv.index(SLURM_NODE_ADDRESS) if SLURM_NODE_ADDRESS in argv
+                    else None})
+    return out
+
+
+def job_proxy(p) -> dict[str, Any] | None:
+    """The proxy on the batch node in front of the job's instances (two or more): its config
+    (the other nodes' addresses in its environment, plan.NODE_ENV), ports and servers."""
+    from evalprov.plan import NODE_ENV
+
+    proxy = p.hosts[0].proxy if p.hosts else None
+    if proxy is None:
+        return None
+    return {"name": proxy.name, "port": proxy.port, "stats_port": proxy.stats_port,
+            "config": proxy.config, "node_env": NODE_ENV,
+            "servers": [name for name, _ in proxy.servers]}
 
 
 def job_vars(job: Job, state: str, samples_src: str, sample_data: bool) -> dict[str, Any]:

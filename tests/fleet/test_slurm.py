@@ -194,7 +194,7 @@ def test_a_two_node_job_serves_as_a_data_parallel_head_and_a_headless_worker(clu
                                                            "gpqa_diamond": "succeeded"}
     run_dir = work / s["run"]
     spec = json.loads((run_dir / "job.json").read_text())
-    (w,) = spec["group"]["workers"]
+    (w,) = spec["instances"][0]["group"]["workers"]
     state = json.loads((run_dir / "state.json").read_text())
     worker_log = (run_dir / "evalprov-vllm-0.w1.log").read_text()
     # the worker ran on the node that is not the batch node, and joined the head there
@@ -241,7 +241,7 @@ def test_a_two_node_job_serves_one_pipeline_parallel_world(cluster, work, tmp_pa
     assert {t["task"]: t["status"] for t in s["tasks"]} == {"ifeval": "succeeded",
                                                            "gpqa_diamond": "succeeded"}
     run_dir = work / s["run"]
-    (w,) = json.loads((run_dir / "job.json").read_text())["group"]["workers"]
+    (w,) = json.loads((run_dir / "job.json").read_text())["instances"][0]["group"]["workers"]
     assert "--node-rank" in w["argv"] and "--data-parallel-start-rank" not in w["argv"]
     worker_log = (run_dir / "evalprov-vllm-0.w1.log").read_text()
     (line,) = [ln for ln in worker_log.splitlines() if ln.startswith("evalprov job worker 1")]
@@ -251,6 +251,70 @@ def test_a_two_node_job_serves_one_pipeline_parallel_world(cluster, work, tmp_pa
             "torch.distributed process group") in worker_log, worker_log[-2000:]
     for h in cluster.fleet.hosts:
         assert cluster.fleet.docker(h.name, "ps", "-q").stdout.strip() == b""
+
+
+def test_several_instances_serve_one_per_node_behind_haproxy_on_the_batch_node(cluster, work,
+                                                                             tmp_path):
+    """execution.num_instances 2 over num_nodes 2 (NEL's topology): instance 0 on the batch
+    node on loopback, instance 1 on the other node as an srun step, listening on that node's
+    address and requiring the deployment's key; real Debian haproxy on the batch node spreads
+    both tasks' requests over the two; the counts come home; the key reaches no file."""
+    from evalprov import apikey
+    from evalprov.apply import owner_id
+
+    local = tmp_path / "results"
+    statuses: list[str] = []  # each node's port 8000 asked from the other without a key
+    stop = threading.Event()
+    h1, h2 = (h.name for h in cluster.fleet.hosts[:2])
+    ask = ("import sys, urllib.request, urllib.error\n"
+           "try:\n    urllib.request.urlopen(sys.argv[1], timeout=3); print(200)\n"
+           "except urllib.error.HTTPError as e:\n    print(e.code)\n"
+           "except OSError:\n    print('refused')\n")
+
+    def watch() -> None:
+        while not stop.is_set():
+            for src, dst in ((h1, h2), (h2, h1)):
+                url = f"http://{cluster.fleet.host(dst).ip}:8000/v1/models"
+                out = cluster.fleet.exec(src, ["python3", "-c", ask, url], check=False)
+                statuses.append(out.stdout.decode().strip())
+            stop.wait(0.5)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        proc = apply_seed(cluster, work, local, "-o", "execution.num_nodes=2",
+                          "-o", "execution.num_instances=2")
+    finally:
+        stop.set()
+        watcher.join(timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    s = summary(local)
+    assert {t["task"]: t["status"] for t in s["tasks"]} == {"ifeval": "succeeded",
+                                                           "gpqa_diamond": "succeeded"}
+    run_dir = work / s["run"]
+    state = json.loads((run_dir / "state.json").read_text())
+    # instance 1 ran on the other node, on its address (the one haproxy reached it at)
+    log1 = (run_dir / "evalprov-vllm-1.log").read_text()
+    (line,) = [ln for ln in log1.splitlines() if ln.startswith("evalprov job member on node")]
+    assert f"on node {state['node']}:" not in line, line
+    addr = line.rsplit("head ", 1)[1]
+    assert addr in {h.ip for h in cluster.fleet.hosts}, line
+    assert '"${EVALPROV_NODE_1}":8000' in (run_dir / "haproxy.cfg").read_text()
+    # every request went through the proxy, spread over both instances
+    counts = s["proxy_requests"]["h1"]
+    assert set(counts) == {"evalprov-vllm-0", "evalprov-vllm-1"}, counts
+    assert all(n > 0 for n in counts.values()), counts
+    assert f"proxy on h1: {sum(counts.values())} request(s) over 2 instance(s)" in proc.stdout
+    # off the batch node the API is open, and refuses a request without the key
+    assert "401" in statuses and "200" not in statuses, statuses
+    key = apikey.derive(apikey.controller_secret(), owner_id(local.resolve()))
+    leaked = [str(p) for root in (work, local) for p in root.rglob("*")
+              if p.is_file() and key.encode() in p.read_bytes()]
+    assert leaked == []
+    assert key not in proc.stdout + proc.stderr
+    for h in cluster.fleet.hosts:  # the job stopped every server and the proxy
+        assert cluster.fleet.docker(h.name, "ps", "-q").stdout.strip() == b""
+        assert "haproxy" not in cluster.fleet.exec(h.name, ["ps", "ax"]).stdout.decode()
 
 
 def test_a_server_that_dies_ends_the_job_at_once_quoting_its_log(cluster, work, tmp_path):

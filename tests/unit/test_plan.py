@@ -423,14 +423,22 @@ def test_seed_on_slurm_plans_one_allocation_of_gres_gpus(seed_config):
     assert "--data-parallel-size=8" in inst.argv
 
 
-def test_slurm_num_instances_plans_that_many_allocations(seed_config):
-    p = plan(seed_config("execution.num_instances=3", "execution.gres=gpu:a100:8"), [])
-    assert [h.host for h in p.hosts] == [
-        f"your-cluster-headnode/instance-{i}" for i in range(3)
-    ]
-    assert [h.gpus_total for h in p.hosts] == [8, 8, 8]
-    assert len(p.instances) == 3
+def test_slurm_num_instances_plans_that_many_instances_on_their_own_nodes(seed_config):
+    """NEL's topology: num_nodes / num_instances nodes per instance, one cluster host with
+    every instance behind the proxy its tasks call."""
+    p = plan(seed_config("execution.num_instances=3", "execution.num_nodes=3",
+                         "execution.gres=gpu:a100:8"), [])
+    (hp,) = p.hosts
+    assert hp.host == "your-cluster-headnode" and hp.gpus_total == 8
+    assert [(i.name, i.node, i.port) for i in p.instances] == [
+        (f"evalprov-vllm-{i}", i, 8000) for i in range(3)]
+    assert len({i.spec_hash for i in p.instances}) == 3
+    assert hp.proxy is not None and {t.instance for t in p.task_runs} == {hp.proxy.name}
     assert sorted(t.name for t in p.task_runs) == ["gpqa_diamond", "ifeval"]
+    with pytest.raises(PlanError) as err:
+        plan(seed_config("execution.num_instances=3"), [])
+    assert "execution.num_nodes: 1 is not a multiple of execution.num_instances 3" in str(
+        err.value)
 
 
 def test_slurm_gres_too_small_names_gres_and_the_fix(seed_config):

@@ -48,8 +48,11 @@ def test_seed_is_one_job_with_nels_directives_and_the_driver():
     spec = v["evalprov_slurm_spec"]
     assert [t["name"] for t in spec["tasks"]] == ["ifeval", "gpqa_diamond"]
     assert all(t["dir"].startswith("/path/to/output/r1/tasks/") for t in spec["tasks"])
-    assert spec["instance"]["argv"][:2] == ["vllm", "serve"]
-    assert "127.0.0.1" in spec["instance"]["argv"]  # the harness is in the same job
+    (entry,) = spec["instances"]
+    assert entry["instance"]["argv"][:2] == ["vllm", "serve"]
+    assert "127.0.0.1" in entry["instance"]["argv"]  # the harness is in the same job
+    assert (entry["node"], entry["group"], entry["host_at"], spec["proxy"]) == (0, None, None,
+                                                                              None)
     assert spec["walltime"] == 7200
     assert spec["resumes_left"] == slurm.MAX_RESUMES  # 120 h / 2 h - 1, capped
     assert len(d.to_run) == 2 and v["evalprov_state"] == "pending"
@@ -138,11 +141,59 @@ def test_gres_too_small_for_the_parallel_sizes_is_refused_before_anything():
     assert "execution.gres gives 4 GPUs but one instance needs 8" in str(err.value)
 
 
-def test_several_instances_are_refused_in_one_line():
-    with pytest.raises(PlanError) as err:
-        decision("-o", "execution.num_instances=2")
-    assert "execution.num_instances: 2" in str(err.value)
-    assert "not supported on Slurm yet" in str(err.value)
+def test_several_instances_are_one_per_node_behind_the_batch_nodes_proxy_and_keyed():
+    """execution.num_instances 2 over num_nodes 2 (NEL's topology): instance 0 on the batch
+    node on loopback, instance 1 on the other node listening on that node's address (filled
+    in there) and so requiring the deployment's key; haproxy on the batch node in front of
+    both (the other node's address in its environment); the tasks call the proxy and send
+    the key."""
+    d = decision("-o", "execution.num_nodes=2", "-o", "execution.num_instances=2")
+    spec = d.host_vars[HOST]["evalprov_slurm_spec"]
+    first, second = spec["instances"]
+    assert (first["node"], second["node"]) == (0, 1)
+    assert (first["group"], second["group"], first["host_at"]) == (None, None, None)
+    a0, a1 = first["instance"]["argv"], second["instance"]["argv"]
+    assert a0[a0.index("--host") + 1] == "127.0.0.1"
+    assert a1[second["host_at"] - 1] == "--host" and a1[second["host_at"]] == "<node address>"
+    assert first["instance"]["port"] == second["instance"]["port"] == 8000
+    assert "VLLM_API_KEY" in first["instance"]["env_names"]
+    px = spec["proxy"]
+    assert (px["port"], px["stats_port"], px["node_env"]) == (5009, 5010, "EVALPROV_NODE_")
+    assert px["servers"] == ["evalprov-vllm-0", "evalprov-vllm-1"]
+    assert "    server evalprov-vllm-0 127.0.0.1:8000" in px["config"]
+    assert '    server evalprov-vllm-1 "${EVALPROV_NODE_1}":8000' in px["config"]
+    assert "    bind 127.0.0.1:5009" in px["config"]
+    for t in spec["tasks"]:
+        ep = t["run_config"]["target"]["api_endpoint"]
+        assert ep["url"].startswith("http://127.0.0.1:5009/"), ep
+        assert ep["api_key_name"] == "EVALPROV_API_KEY"
+    (hp,) = d.plan.hosts
+    assert [i.node for i in hp.instances] == [0, 1] and hp.proxy is not None
+
+
+def test_several_instances_over_groups_of_nodes_each_have_their_head_and_workers():
+    """num_instances 2 over num_nodes 4: each instance spans 2 nodes (DP 16 as 8 ranks per
+    node), instance 1's head on node 2 with its worker on node 3 (worker nodes count from
+    the instance's head)."""
+    d = decision("-o", "execution.num_nodes=4", "-o", "execution.num_instances=2",
+                 "-o", "deployment.data_parallel_size=16")
+    first, second = d.host_vars[HOST]["evalprov_slurm_spec"]["instances"]
+    assert (first["node"], second["node"]) == (0, 2)
+    for e in (first, second):
+        g = e["group"]
+        assert (g["nodes"], g["local"]) == (2, 8)
+        assert [w["node"] for w in g["workers"]] == [1]
+    head = second["group"]["head_argv"]
+    assert head[second["host_at"]] == "<node address>"
+    assert head[second["group"]["address_at"] - 1] == "--data-parallel-address"
+
+
+def test_several_instances_on_one_node_share_it_behind_the_proxy():
+    d = decision("-o", "execution.instances_per_host=2", "-o", "deployment.data_parallel_size=4")
+    spec = d.host_vars[HOST]["evalprov_slurm_spec"]
+    assert [(e["node"], e["instance"]["port"], e["instance"]["gpus"]) for e in
+            spec["instances"]] == [(0, 8000, [0, 1, 2, 3]), (0, 8001, [4, 5, 6, 7])]
+    assert "    server evalprov-vllm-1 127.0.0.1:8001" in spec["proxy"]["config"]
 
 
 def test_num_nodes_splits_the_data_parallel_ranks_into_a_head_and_headless_workers():
@@ -150,9 +201,9 @@ def test_num_nodes_splits_the_data_parallel_ranks_into_a_head_and_headless_worke
     the head (the API), the other `vllm serve --headless` from rank 4, started by srun."""
     d = decision("-o", "execution.num_nodes=2")
     spec = d.host_vars[HOST]["evalprov_slurm_spec"]
-    g = spec["group"]
+    (entry,) = spec["instances"]
+    g, inst = entry["group"], entry["instance"]
     assert (g["nodes"], g["local"], g["rpc_port"], g["gpus"]) == (2, 4, 29550, [0, 1, 2, 3])
-    inst = spec["instance"]
     assert g["head_argv"] == [*inst["argv"], "--data-parallel-size-local", "4",
                               "--data-parallel-address", "", "--data-parallel-rpc-port",
                               "29550"]
@@ -166,7 +217,7 @@ def test_num_nodes_splits_the_data_parallel_ranks_into_a_head_and_headless_worke
         "--data-parallel-address", "", "--data-parallel-rpc-port", "29550"]
     assert w["argv"][w["address_at"] - 1] == "--data-parallel-address"
     assert "--nodes=2" in d.host_vars[HOST]["evalprov_slurm_sbatch_argv"]
-    assert decision().host_vars[HOST]["evalprov_slurm_spec"]["group"] is None
+    assert decision().host_vars[HOST]["evalprov_slurm_spec"]["instances"][0]["group"] is None
 
 
 def test_num_nodes_with_pipeline_stages_is_one_world_over_the_nodes():
@@ -176,8 +227,8 @@ def test_num_nodes_with_pipeline_stages_is_one_world_over_the_nodes():
     d = decision("-o", "execution.num_nodes=2", "-o", "deployment.data_parallel_size=1",
                  "-o", "deployment.pipeline_parallel_size=2",
                  "-o", "deployment.tensor_parallel_size=4")
-    g = d.host_vars[HOST]["evalprov_slurm_spec"]["group"]
-    inst = d.host_vars[HOST]["evalprov_slurm_spec"]["instance"]
+    (entry,) = d.host_vars[HOST]["evalprov_slurm_spec"]["instances"]
+    g, inst = entry["group"], entry["instance"]
     assert (g["mode"], g["nodes"], g["rpc_port"], g["gpus"]) == (
         "pipeline-parallel", 2, 29501, [0, 1, 2, 3])
     assert g["head_argv"] == [*inst["argv"], "--nnodes", "2", "--node-rank", "0",
@@ -203,7 +254,13 @@ def test_num_nodes_with_pipeline_stages_is_one_world_over_the_nodes():
     (("execution.num_nodes=2", "deployment.port=29550"), "deployment.port: 29550 is the "
      "data-parallel rpc port"),
     (("execution.num_nodes=2", "execution.instances_per_host=auto"),
-     "a job over several nodes serves one instance"),
+     "an instance over several nodes is the only one on them"),
+    (("execution.num_nodes=3", "execution.num_instances=2"),
+     "execution.num_nodes: 3 is not a multiple of execution.num_instances 2"),
+    (("execution.num_nodes=2", "execution.num_instances=2", "execution.instances_per_host=2"),
+     "on Slurm each instance has its own node(s)"),
+    (("execution.num_nodes=4", "execution.num_instances=2", "deployment.data_parallel_size=5"),
+     "a multiple of num_nodes / num_instances (2)"),
 ])
 def test_num_nodes_that_do_not_split_the_ranks_are_refused_in_one_line(overrides, words):
     with pytest.raises(PlanError) as err:

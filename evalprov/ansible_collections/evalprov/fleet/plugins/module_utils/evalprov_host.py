@@ -250,14 +250,14 @@ def http_answer(url, timeout=10):
         return 0, str(getattr(exc, "reason", exc))[:300]
 
 
-def health(port, health_path, served, api_key=None):
+def health(port, health_path, served, api_key=None, host="127.0.0.1"):
     """(serving, reason): /health answers 200 and /v1/models lists the served name (asked
-    with the deployment's API key, when its servers require one)."""
-    status, _ = http_get(f"http://127.0.0.1:{port}{health_path}")
+    with the deployment's API key, when its servers require one) at host:port."""
+    status, _ = http_get(f"http://{host}:{port}{health_path}")
     if status != 200:
         return False, f"{health_path} not 200"
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
-    status, body = http_get(f"http://127.0.0.1:{port}/v1/models", headers=headers)
+    status, body = http_get(f"http://{host}:{port}/v1/models", headers=headers)
     try:
         ids = [m.get("id") for m in json.loads(body or b"{}").get("data", [])]
     except (ValueError, AttributeError):

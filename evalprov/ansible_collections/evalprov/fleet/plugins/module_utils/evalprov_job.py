@@ -5,6 +5,12 @@ model once and runs every task against it (NEL submits one job per task):
     the readiness timeout (a server that dies ends the job at once, quoting its log) -> run
     the tasks, `concurrency` at a time -> stop the server -> exit 0 (all succeeded) or 1
 
+The job may serve several instances (execution.num_instances, NEL's topology: num_nodes /
+num_instances nodes each) and an instance may span nodes (a head and headless workers):
+every member off the batch node is an srun step of the job running this driver with
+--member; haproxy on the batch node spreads the tasks' requests over the instances, and the
+servers are watched while the tasks run (a lost one ends them at once, named first).
+
 Started by the job script as
     python3 -m ansible_collections.evalprov.fleet.plugins.module_utils.evalprov_job JOB_DIR
 with JOB_DIR/lib on PYTHONPATH. Everything it does comes from JOB_DIR/job.json, written by
@@ -40,6 +46,9 @@ from ansible_collections.evalprov.fleet.plugins.module_utils.evalprov_host impor
     SECRETS_IN_CONTAINER,
     decisive_line,
     health,
+    proxy_mark,
+    proxy_requests,
+    proxy_servers,
     read_pid,
     remove_file,
     secret_file_path,
@@ -49,6 +58,7 @@ from ansible_collections.evalprov.fleet.plugins.module_utils.evalprov_host impor
     write_secret_file,
 )
 from ansible_collections.evalprov.fleet.plugins.module_utils.evalprov_tasks import (
+    ServerWatch,
     beside_facts,
     pool_map,
     run_one,
@@ -106,10 +116,11 @@ class Job:
         self.stopping = threading.Event()
         self.timed_out = False
         self.lock = threading.Lock()
-        self.server = None  # Popen (process runtime) or container name (docker)
-        self.secret_file = ""  # the server container's secrets, in memory (docker)
-        self.server_log_path = ""  # where its output is kept once it stops
-        self.workers = []  # (worker spec, node, srun Popen): the other nodes of a group
+        self.servers = []  # Started: the servers on this node
+        self.steps = []  # (instance index, member, node, srun Popen): members elsewhere
+        self.heads = []  # (instance vars, host): each instance's API, as reached from here
+        self.addresses = {}  # node index -> its address (the nodes the job looked up)
+        self.proxy = None  # haproxy's Popen, in front of the instances
         self.state = {"job": self.job_id, "node": os.uname().nodename, "phase": "starting",
                       "message": "", "tasks": {}, "started": time.time()}
         for t in self.spec["tasks"]:
@@ -164,10 +175,11 @@ class Job:
 
     # ------------------------------------------------------------------ server
     def start_server(self, inst, member=""):
-        """member: "" the job's one server or a group's head; "w<N>" a group's worker."""
+        """Start one server on this node. member: "" an instance (or a group's head) whose
+        log is INSTANCE.log; "w<N>" a group's worker N of its instance."""
         runtime = self.spec["runtime"]
-        log_path = os.path.join(self.dir, f"{inst['name']}{'.' + member if member else ''}.log")
-        self.server_log_path = log_path
+        suffix = f".{member}" if member else ""
+        log_path = os.path.join(self.dir, f"{inst['name']}{suffix}.log")
         secret = {k: str(v) for k, v in (self.secrets.get("deployment_env") or {}).items()}
         if runtime == "process":
             venv = self.spec["vllm_venv"]
@@ -180,28 +192,29 @@ class Job:
             env.update(secret)
             argv = [os.path.join(venv, "bin", inst["argv"][0]), *inst["argv"][1:]]
             with open(log_path, "ab") as log:
-                self.server = subprocess.Popen(
+                proc = subprocess.Popen(
                     argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                     env=env, cwd=self.dir, start_new_session=True, close_fds=True)
-            write_pid(os.path.join(self.dir, f"vllm{'.' + member if member else ''}.pid"),
-                      self.server.pid)
+            write_pid(os.path.join(self.dir, f"{inst['name']}{suffix}.pid"), proc.pid)
+            self.servers.append(Started(inst, proc, log_path))
             return
         docker = shutil.which("docker") or "docker"
         name = f"evalprov-slurm-{self.job_id or os.getpid()}-{inst['name']}"
         name += f"-{member}" if member else ""
         # the secrets: a root-only file in memory the container reads (never its config)
         entry = [inst["entrypoint"][0]]
+        secret_file = ""
         if secret:
-            self.secret_file = secret_file_path(name, memory_dir())
+            secret_file = secret_file_path(name, memory_dir())
             try:
-                write_secret_file(self.secret_file, secret)
+                write_secret_file(secret_file, secret)
             except ValueError as exc:  # no directory in memory: the value stays off the disk
                 raise RuntimeError(str(exc)) from None
             entry = ["python3", "-c", ENV_FROM_FILE, SECRETS_IN_CONTAINER, *entry]
         argv = [docker, "run", "-d", "--name", name, "--network", "host", "--ipc", "host",
                 "--entrypoint", entry[0]]
         if secret:
-            argv += ["-v", f"{self.secret_file}:{SECRETS_IN_CONTAINER}:ro"]
+            argv += ["-v", f"{secret_file}:{SECRETS_IN_CONTAINER}:ro"]
         for key, value in sorted(inst["labels"].items()):
             argv += ["--label", f"{key}={value}"]
         argv += ["--label", f"evalprov.slurm_job={self.job_id}"]
@@ -214,85 +227,98 @@ class Job:
         for key in sorted(inst["env"]):
             argv += ["-e", key]  # the value comes from this process's environment
         argv += [inst["image"], *entry[1:], *inst["command"]]
+        started = Started(inst, None, log_path, secret_file)
+        self.servers.append(started)  # its secret file goes with it, whatever happens next
         with open(log_path, "ab") as log:
             proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=log, env=env,
                                   check=False, timeout=3600)
         if proc.returncode != 0:
             raise RuntimeError(f"docker run {inst['image']} failed (exit {proc.returncode}): "
                                + tail(log_path, 3).replace("\n", " ")[:300])
-        self.server = name
+        started.handle = name
 
-    def server_alive(self):
-        if isinstance(self.server, subprocess.Popen):
-            return self.server.poll() is None
-        docker = shutil.which("docker") or "docker"
-        out = subprocess.run([docker, "inspect", "-f", "{{.State.Running}}", self.server],
-                             capture_output=True, text=True, check=False, timeout=30)
-        return out.stdout.strip() == "true"
-
-    def server_log(self, inst, lines=40):
-        if isinstance(self.server, str):
-            docker = shutil.which("docker") or "docker"
-            out = subprocess.run([docker, "logs", "--tail", str(lines), self.server],
-                                 capture_output=True, text=True, check=False, timeout=30)
-            return (out.stdout + out.stderr)[-20000:]
-        return tail(os.path.join(self.dir, f"{inst['name']}.log"), lines)
-
-    def start_group(self, inst, group):
-        """A deployment over the allocation's nodes: the workers first (srun, one step per
-        other node, each running this driver in worker mode), then the head here. The head's
-        address goes into every member's argv at the place evalprov left for it."""
-        nodes = job_nodes()
-        if len(nodes) < int(group["nodes"]):
+    def start_servers(self):
+        """Every instance of the job: one on a node other than this one (the batch node) is
+        an srun step of this job running this driver in member mode there, and so is each
+        worker of an instance over several nodes; the rest start here. The workers of an
+        instance start before its head; an address goes into a member's argv at the places
+        evalprov left for it (its head's, its own)."""
+        total = int(self.spec.get("nodes") or 1)
+        nodes = job_nodes() if total > 1 else [os.uname().nodename]
+        if len(nodes) < total:
             raise RuntimeError(f"the job has {len(nodes)} node(s) ({', '.join(nodes)}) but the "
-                               f"deployment needs {group['nodes']}")
-        addr = node_address(nodes[0])
-        self.save(message=f"starting {inst['label']} over {group['nodes']} nodes "
-                          f"({', '.join(nodes[:int(group['nodes'])])}; head {addr})")
+                               f"deployment needs {total}")
+        addresses = {}
+
+        def address(j):
+            if j not in addresses:
+                addresses[j] = node_address(nodes[j])
+            return addresses[j]
+
+        for i, e in enumerate(self.spec["instances"]):
+            inst, start, group = e["instance"], int(e["node"]), e.get("group")
+            head = address(start) if group or start else "127.0.0.1"
+            if group:
+                self.save(message=f"starting {inst['label']} over {group['nodes']} nodes ("
+                          f"{', '.join(nodes[start:start + int(group['nodes'])])}; head {head})")
+            for w in (group or {}).get("workers") or []:
+                self.start_step(i, int(w["node"]), nodes[start + int(w["node"])], head)
+            if start:
+                self.start_step(i, 0, nodes[start], head)
+            else:
+                self.start_server(member_vars(e, 0, head))
+            # its API: on loopback here, on its node's address elsewhere
+            self.heads.append((inst, head if start else "127.0.0.1"))
+        self.addresses = addresses
+
+    def start_step(self, index, w, node, head):
+        """Member w (0 the head) of instance `index` on `node`, as an srun step."""
+        inst = self.spec["instances"][index]["instance"]
+        argv = ["srun", "--nodes=1", "--ntasks=1", f"--nodelist={node}", "--overlap",
+                "--export=ALL", "--kill-on-bad-exit=0", sys.executable, "-m", DRIVER_MODULE,
+                self.dir, "--member", str(index), str(w), head]
+        with open(os.path.join(self.dir, f"{member_log(inst, w)}.srun.log"), "ab") as out:
+            proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=out,
+                                    stderr=subprocess.STDOUT, close_fds=True)
+        # the secrets on the step's stdin (srun hands it to the member), never in an
+        # environment or argv another user's ps could read; the pipe stays open: its end
+        # tells the member to stop (srun turns a signal into SIGKILL of the step, which
+        # would leave the member's container running)
         secret = json.dumps({k: str(v) for k, v in
                              (self.secrets.get("deployment_env") or {}).items()})
-        for w in group["workers"]:
-            node = nodes[int(w["node"])]
-            argv = ["srun", "--nodes=1", "--ntasks=1", f"--nodelist={node}", "--overlap",
-                    "--export=ALL", "--kill-on-bad-exit=0", sys.executable, "-m", DRIVER_MODULE,
-                    self.dir, "--worker", str(w["node"]), addr]
-            log = os.path.join(self.dir, f"{inst['name']}.w{w['node']}.srun.log")
-            with open(log, "ab") as out:
-                proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=out,
-                                        stderr=subprocess.STDOUT, close_fds=True)
-            # the secrets on the step's stdin (srun hands it to the worker), never in an
-            # environment or argv another user's ps could read; the pipe stays open: its
-            # end tells the worker to stop (srun turns a signal into SIGKILL of the step,
-            # which would leave the worker's container running)
-            with contextlib.suppress(OSError):
-                proc.stdin.write(secret.encode() + b"\n")
-                proc.stdin.flush()
-            self.workers.append((w, node, proc))
-        head = list(group["head_argv"])
-        head[int(group["address_at"])] = addr
-        self.start_server(member(inst, head, group["gpus"]))
+        with contextlib.suppress(OSError):
+            proc.stdin.write(secret.encode() + b"\n")
+            proc.stdin.flush()
+        self.steps.append((index, w, node, proc))
 
-    def dead_worker(self, inst):
-        """The first worker whose srun step ended, as a sentence with its log's decisive
-        line (None: every worker runs)."""
-        for w, node, proc in self.workers:
+    def dead_member(self):
+        """The first member whose srun step or server ended, as a sentence with its log's
+        decisive line (None: every one runs)."""
+        for index, w, node, proc in self.steps:
             if proc.poll() is None:
                 continue
-            text = tail(os.path.join(self.dir, f"{inst['name']}.w{w['node']}.log"), 40)
+            e = self.spec["instances"][index]
+            text = tail(os.path.join(self.dir, f"{member_log(e['instance'], w)}.log"), 40)
             cause = decisive_line(text) or text.replace("\n", " ")[-300:]
-            part = w.get("part") or f"data-parallel ranks from {w['rank']}"
-            return (f"worker on node {node} ({part}) exited "
-                    f"({proc.returncode}) before the group served: {cause}")
+            return (f"{member_part(e, w)} on node {node} exited ({proc.returncode}) before "
+                    f"the deployment served: {cause}")
+        for started in self.servers:
+            if not started.alive():
+                text = started.output()
+                cause = decisive_line(text)
+                head = (f"vLLM ({started.inst['name']}) stopped before it became healthy on "
+                        f"{self.state['node']}")
+                return f"{head}: {cause}" if cause else f"{head}; log tail: {text[-500:]}"
         return None
 
-    def stop_workers(self):
-        """Each worker stops its server when its stdin ends; a step still there after
-        that is signalled."""
-        workers, self.workers = self.workers, []
-        for _w, _node, proc in workers:
+    def stop_server(self):
+        """Every member: the steps' stop when their stdin ends (a step still there after
+        that is signalled); then the servers here, their output kept in their logs."""
+        steps, self.steps = self.steps, []
+        for _i, _w, _node, proc in steps:
             with contextlib.suppress(OSError):
                 proc.stdin.close()
-        for _w, _node, proc in workers:
+        for _i, _w, _node, proc in steps:
             try:
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
@@ -302,55 +328,93 @@ class Job:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
+        proxy, self.proxy = self.proxy, None
+        if proxy is not None:
+            stop_group(proxy.pid, grace=3.0)
+            proxy.wait()
+        servers, self.servers = self.servers, []
+        for started in servers:
+            started.stop()
 
-    def stop_server(self):
-        self.stop_workers()
-        server, self.server = self.server, None
-        if isinstance(server, subprocess.Popen):
-            stop_group(server.pid, grace=3.0)
-            server.wait()
-        elif server:
-            docker = shutil.which("docker") or "docker"
-            if self.server_log_path:  # the container's own output, before it goes
-                with open(self.server_log_path, "ab") as log:
-                    subprocess.run([docker, "logs", "--tail", "2000", server], stdout=log,
-                                   stderr=subprocess.STDOUT, check=False, timeout=60)
-            subprocess.run([docker, "rm", "-f", server], capture_output=True, check=False,
-                           timeout=60)
-        if self.secret_file:
-            remove_file(self.secret_file)
-            self.secret_file = ""
-
-    def wait_healthy(self, inst):
+    def wait_healthy(self):
+        """Until every instance's head serves (asked where the proxy asks it), a member
+        dies, the readiness timeout passes or the job is stopped: None, or why not."""
         deadline = time.monotonic() + int(self.spec["health_timeout"])
         served = self.spec.get("served_model_name")
+        key = (self.secrets.get("deployment_env") or {}).get("VLLM_API_KEY")
+        waiting = list(self.heads)
         while not self.stopping.is_set():
-            ok, _detail = health(inst["port"], self.spec["health_path"], served)
-            if ok:
+            waiting = [(inst, host) for inst, host in waiting
+                       if not health(inst["port"], self.spec["health_path"], served, key,
+                                     host=host)[0]]
+            if not waiting:
                 return None
-            dead = self.dead_worker(inst)
+            dead = self.dead_member()
             if dead:
                 return dead
-            if not self.server_alive():
-                text = self.server_log(inst)
-                cause = decisive_line(text)
-                head = f"vLLM stopped before it became healthy on {self.state['node']}"
-                return f"{head}: {cause}" if cause else f"{head}; log tail: {text[-500:]}"
             if time.monotonic() > deadline:
-                return (f"vLLM was not healthy within {self.spec['health_timeout']} s "
+                inst, host = waiting[0]
+                log = os.path.join(self.dir, f"{inst['name']}.log")
+                return (f"vLLM ({inst['name']} at {host}:{inst['port']}) was not healthy "
+                        f"within {self.spec['health_timeout']} s "
                         "(execution.endpoint_readiness_timeout); log tail: "
-                        + self.server_log(inst, 5).replace("\n", " ")[-400:])
+                        + tail(log, 5).replace("\n", " ")[-400:])
             self.stopping.wait(2.0)
         return "the job was stopped while vLLM was loading"
 
+    def start_proxy(self):
+        """haproxy on this node in front of every instance (its config evalprov rendered;
+        the other nodes' addresses in its environment): None once it sees every one up."""
+        px = self.spec["proxy"]
+        haproxy = shutil.which("haproxy") or next(
+            (p for p in ("/usr/sbin/haproxy", "/usr/local/sbin/haproxy")
+             if os.access(p, os.X_OK)), None)
+        if haproxy is None:
+            return (f"haproxy is not installed on node {self.state['node']}, and the "
+                    f"{len(px['servers'])} instances need it in front of them; install "
+                    "haproxy on the compute nodes or set execution.proxy.type: none")
+        cfg = os.path.join(self.dir, "haproxy.cfg")
+        with open(os.open(cfg, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+            f.write(px["config"])
+        env = {"PATH": "/usr/sbin:/usr/bin:/bin", "LANG": "C.UTF-8"}
+        env.update({f"{px['node_env']}{j}": addr for j, addr in self.addresses.items()})
+        log_path = os.path.join(self.dir, "haproxy.log")
+        with open(log_path, "ab") as log:
+            self.proxy = subprocess.Popen([haproxy, "-db", "-f", cfg], env=env,
+                                          stdin=subprocess.DEVNULL, stdout=log,
+                                          stderr=subprocess.STDOUT, cwd=self.dir,
+                                          start_new_session=True, close_fds=True)
+        deadline = time.monotonic() + 60
+        while not self.stopping.is_set():
+            if self.proxy.poll() is not None:
+                text = tail(log_path, 20)
+                return f"the proxy (haproxy) exited: {decisive_line(text) or text[-300:]}"
+            up = proxy_servers(px["stats_port"])
+            if up and all(up.get(n, (False, 0))[0] for n in px["servers"]):
+                proxy_mark(self.dir, px["stats_port"])
+                return None
+            if time.monotonic() > deadline:
+                down = [n for n in px["servers"] if not up.get(n, (False, 0))[0]]
+                return (f"the proxy (haproxy) does not see {', '.join(down)} up within 60 s, "
+                        f"though each answered {self.spec['health_path']} here")
+            self.stopping.wait(1.0)
+        return "the job was stopped while the proxy was starting"
+
+    def health_urls(self):
+        """What the tasks' servers are watched at while they run: each instance's head."""
+        return [f"http://{host}:{inst['port']}{self.spec['health_path']}"
+                for inst, host in self.heads]
+
     # ------------------------------------------------------------------- tasks
-    def run_task(self, task):
+    def run_task(self, task, servers=None):
         if self.stopping.is_set() or self.state["tasks"].get(task["name"]) == "succeeded":
             return None
         self.task_state(task["name"], "running")
         p = {"runtime": self.spec["runtime"], "timeout": int(self.spec["task_timeout"]),
              "log_lines": 40, "env": self.secrets.get("task_env") or {}}
-        meta = run_one(p, task)
+        # the servers the job started, where it reaches them (the plan cannot know the
+        # nodes' addresses)
+        meta = run_one(p, {**task, "health_urls": self.health_urls()}, servers)
         status = meta["status"] if not self.stopping.is_set() else (
             "succeeded" if meta["rc"] == 0 else "failed")
         self.task_state(task["name"], status)
@@ -417,30 +481,80 @@ class Job:
         return 143 if self.stopping.is_set() else (code or (1 if unfinished else 0))
 
     def _serve_and_evaluate(self, pending):
-        inst = self.spec.get("instance")
-        if inst:
-            self.save(phase="loading", message=f"starting {inst['label']}")
+        entries = self.spec.get("instances") or []
+        if entries:
+            self.save(phase="loading", message="starting " + ", ".join(
+                e["instance"]["label"] for e in entries))
             try:
-                group = self.spec.get("group")
-                if group:
-                    self.start_group(inst, group)
-                else:
-                    self.start_server(inst)
+                self.start_servers()
             except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
                 self.save(phase="failed", message=str(exc)[:500])
                 return 1
-            problem = self.wait_healthy(inst)
+            problem = self.wait_healthy()
+            if not problem and self.spec.get("proxy"):
+                problem = self.start_proxy()
             if problem:
                 self.save(phase="failed", message=problem)
                 return 1
         self.save(phase="evaluating", message=f"{len(pending)} task(s)")
-        # the reproducibility record's facts of this node (image, /version, model, harness),
-        # read beside the tasks as the eval module does on a host
-        _, record = beside_facts(self.spec.get("provenance"), lambda: pool_map(
-            self.run_task, pending, self.spec["concurrency"]))
+        # the servers watched while the tasks run (a lost one ends its tasks at once, named
+        # first); the reproducibility record's facts of this node (image, /version, model,
+        # harness), read beside the tasks as the eval module does on a host
+        stop = threading.Event()
+        servers = ServerWatch(set(self.health_urls()))
+        watcher = threading.Thread(target=servers.run, args=(stop,), daemon=True)
+        watcher.start()
+        try:
+            _, record = beside_facts(self.spec.get("provenance"), lambda: pool_map(
+                lambda t: self.run_task(t, servers), pending, self.spec["concurrency"]))
+        finally:
+            stop.set()
+            watcher.join()
         if record is not None:
             self.save(provenance=record)
+        if self.spec.get("proxy"):  # the requests each instance answered
+            write_json(os.path.join(self.dir, "proxy-requests.json"),
+                       proxy_requests(self.dir))
         return 0
+
+
+class Started:
+    """A server this driver started on its node: a Popen (process runtime) or a container
+    name (docker; None until `docker run` answered), its log, its secret file in memory."""
+
+    def __init__(self, inst, handle, log_path, secret_file=""):
+        self.inst, self.handle, self.log_path, self.secret_file = (inst, handle, log_path,
+                                                                     secret_file)
+
+    def alive(self):
+        if isinstance(self.handle, subprocess.Popen):
+            return self.handle.poll() is None
+        docker = shutil.which("docker") or "docker"
+        out = subprocess.run([docker, "inspect", "-f", "{{.State.Running}}", self.handle],
+                             capture_output=True, text=True, check=False, timeout=30)
+        return out.stdout.strip() == "true"
+
+    def output(self, lines=40):
+        if isinstance(self.handle, str):
+            docker = shutil.which("docker") or "docker"
+            out = subprocess.run([docker, "logs", "--tail", str(lines), self.handle],
+                                 capture_output=True, text=True, check=False, timeout=30)
+            return (out.stdout + out.stderr)[-20000:]
+        return tail(self.log_path, lines)
+
+    def stop(self):
+        if isinstance(self.handle, subprocess.Popen):
+            stop_group(self.handle.pid, grace=3.0)
+            self.handle.wait()
+        elif self.handle:
+            docker = shutil.which("docker") or "docker"
+            with open(self.log_path, "ab") as log:  # the container's own output, first
+                subprocess.run([docker, "logs", "--tail", "2000", self.handle], stdout=log,
+                               stderr=subprocess.STDOUT, check=False, timeout=60)
+            subprocess.run([docker, "rm", "-f", self.handle], capture_output=True,
+                           check=False, timeout=60)
+        if self.secret_file:
+            remove_file(self.secret_file)
 
 
 def job_nodes():
@@ -464,42 +578,69 @@ def node_address(node):
         return addr
 
 
-def member(inst, argv, gpus):
-    """The instance as one group member runs it: its own argv and GPUs."""
+def member_vars(entry, w, head):
+    """Member w (0 the head) of a job's instance as it runs: its own argv, with the head's
+    address and its own where evalprov left places for them, and its GPUs."""
+    inst, group = entry["instance"], entry.get("group")
+    if w == 0:
+        argv = list(group["head_argv"] if group else inst["argv"])
+        if group:
+            argv[int(group["address_at"])] = head
+        if entry.get("host_at") is not None:  # the head of an instance off the batch node
+            argv[int(entry["host_at"])] = head
+    else:
+        (spec,) = [x for x in group["workers"] if int(x["node"]) == w]
+        argv = list(spec["argv"])
+        argv[int(spec["address_at"])] = head
+    gpus = group["gpus"] if group else inst["gpus"]
     return {**inst, "argv": argv, "entrypoint": argv[:1], "command": argv[1:], "gpus": gpus}
 
 
-def run_worker(job_dir, index, addr):
-    """One group worker on its node (an srun step of the head's job): start its headless
-    server, stay while it runs, stop it when its stdin ends or it is signalled (the head
-    stopping)."""
+def member_log(inst, w):
+    """A member's log name in the job directory (without .log)."""
+    return f"{inst['name']}.w{w}" if w else inst["name"]
+
+
+def member_part(entry, w):
+    if w == 0:
+        return f"{entry['instance']['name']} (its head)"
+    (spec,) = [x for x in entry["group"]["workers"] if int(x["node"]) == w]
+    return (f"worker of {entry['instance']['name']} "
+            f"({spec.get('part') or 'data-parallel ranks from ' + str(spec['rank'])})")
+
+
+def run_member(job_dir, index, w, head):
+    """One member on its node (an srun step of the batch node's job): member w (0 an
+    instance's head, else a worker of its group) of instance `index`; start its server,
+    stay while it runs, stop it when its stdin ends or it is signalled (the job stopping)."""
     job = Job(job_dir, worker=True)
-    inst, group = job.spec["instance"], job.spec["group"]
-    (w,) = [w for w in group["workers"] if int(w["node"]) == int(index)]
-    argv = list(w["argv"])
-    argv[int(w["address_at"])] = addr
+    entry = job.spec["instances"][int(index)]
+    inst, w = entry["instance"], int(w)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
         signal.signal(sig, lambda *_: stop.set())
-    log_path = os.path.join(job_dir, f"{inst['name']}.w{index}.log")
+    log_path = os.path.join(job_dir, f"{member_log(inst, w)}.log")
     with open(log_path, "a") as log:
-        log.write(f"evalprov job worker {index} on node {os.uname().nodename}: "
-                  f"{w.get('part') or 'data-parallel ranks from ' + str(w['rank'])}, "
-                  f"head {addr}\n")
+        part = member_part(entry, w)
+        log.write(f"evalprov job {'worker ' + str(w) if w else 'member'} on node "
+                  f"{os.uname().nodename}: {part.split('(', 1)[-1].rstrip(')')}, "
+                  f"head {head}\n")
 
-    def head_gone():  # the head closes this step's stdin when it stops the group
+    def head_gone():  # the batch node closes this step's stdin when it stops the job
         sys.stdin.read()
         stop.set()
 
     threading.Thread(target=head_gone, daemon=True).start()
     try:
-        job.start_server(member(inst, argv, group["gpus"]), f"w{index}")
+        job.start_server(member_vars(entry, w, head), f"w{w}" if w else "")
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         with open(log_path, "a") as log:
-            log.write(f"ERROR: evalprov job worker {index} could not start: {exc}\n")
+            log.write(f"ERROR: evalprov job member {member_log(inst, w)} could not start: "
+                      f"{exc}\n")
+        job.stop_server()
         return 3
     try:
-        while not stop.is_set() and job.server_alive():
+        while not stop.is_set() and all(s.alive() for s in job.servers):
             stop.wait(1.0)
     finally:
         job.stop_server()  # the container's own output goes into log_path first
@@ -507,10 +648,11 @@ def run_worker(job_dir, index, addr):
 
 
 def main(argv):
-    if len(argv) == 5 and argv[2] == "--worker":
-        return run_worker(argv[1], argv[3], argv[4])
+    if len(argv) == 6 and argv[2] == "--member":
+        return run_member(argv[1], argv[3], argv[4], argv[5])
     if len(argv) != 2:
-        print("usage: evalprov_job JOB_DIR [--worker N HEAD_ADDRESS]", file=sys.stderr)
+        print("usage: evalprov_job JOB_DIR [--member INSTANCE N HEAD_ADDRESS]",
+              file=sys.stderr)
         return 2
     return Job(argv[1]).run()
 

@@ -163,6 +163,10 @@ def poll(p):
             "phase": driver.get("phase", "queued"), "message": driver.get("message", ""),
             "node": driver.get("node"), "tasks": tasks, "evalprov_eval_progress": progress,
             "archives": archives,
+            # the requests each instance behind the job's proxy answered (when it had one)
+            "proxy_requests": (os.path.join(p["job_dir"], "proxy-requests.json")
+                               if os.path.exists(os.path.join(p["job_dir"],
+                                                              "proxy-requests.json")) else ""),
             # the job's own timeline (the node's clock) and the node's facts for the record
             "timeline": {"started": driver.get("started"), "ended": driver.get("ended"),
                          "phases": driver.get("phases") or []},
