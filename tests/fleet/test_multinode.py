@@ -6,19 +6,15 @@ group fast and `--rerun failed` recovers it."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from evalprov.config.loader import load_config
-from evalprov.plan import HostFacts, plan
 from tests.fleet.test_eval import remove_managed, run_apply, write_config
 from tests.testbed.util import beside, wait_for
 
@@ -245,75 +241,75 @@ def test_a_pipeline_parallel_group_serves_the_tasks_and_a_lost_worker_restarts_i
 
 VLLM = Path("/opt/evalprov/vllm-venv/bin/vllm")
 TINY = Path("/var/lib/evalprov/models/tiny-llama")
+HARNESS = Path("/opt/evalprov/harness-venv/bin/nemo-evaluator")
 
 
-def test_real_vllm_cpu_serves_the_planned_data_parallel_argv_across_two_hosts(mn_fleet,
-                                                                             tmp_path):
-    """The real vLLM (CPU build, the tiny local model) runs exactly the argv evalprov plans
-    for a data-parallel group of two hosts, each in its own network namespace: the worker
-    joins the head at the head's address over the rpc port, the head serves only then, and
-    answers a completion as a two-rank deployment."""
-    if not VLLM.exists() or not (TINY / "config.json").exists():
-        pytest.skip("the vLLM CPU venv or the tiny model is missing: run scripts/setup")
-    fleet, _inv, _image = mn_fleet
+@pytest.fixture
+def real_fleet(fleet_factory, tmp_path):
+    """Two hosts of one (stub) GPU each, no dockerd, that see the machine's /opt/evalprov
+    (the vLLM CPU build and the harness venvs) and /var/lib/evalprov (the tiny model), as
+    hosts with shared software do; each keeps its own /srv, evalprov's work_dir here."""
+    from tests.testbed.slurm import SLURM_PRIVATE_DIRS
+
+    if not VLLM.exists() or not (TINY / "config.json").exists() or not HARNESS.exists():
+        pytest.skip("the vLLM CPU venv, the harness venv or the tiny model is missing: run "
+                    "scripts/setup")
+    base = str(Path(sys.base_prefix).resolve())
+    fleet = fleet_factory((1, 1), docker=False, private_dirs=SLURM_PRIVATE_DIRS,
+                          binds=((base, base),) if base.startswith("/root/") else ())
+    return fleet, fleet.write_inventory(tmp_path / "inventory.yml")
+
+
+def test_real_vllm_cpu_serves_a_data_parallel_group_of_two_hosts_through_apply(real_fleet,
+                                                                              tmp_path):
+    """`evalprov apply` plans DP 2 over two hosts of one GPU each as a node group and runs
+    the real vLLM (CPU build, the tiny local model, process runtime) on both: the worker on
+    h2 joins the head on h1 at h1's address over the rpc port, the head serves only then,
+    the real harness scores ifeval through it, a completion answers as a two-rank
+    deployment, and destroy stops both members."""
+    fleet, inv = real_fleet
     cfg = {
         "defaults": [{"execution": "baremetal"}, {"deployment": "vllm"}, "_self_"],
-        "execution": {"output_dir": str(tmp_path / "out"), "runtime": "process"},
+        "execution": {"output_dir": str(tmp_path / "out"), "runtime": "process",
+                      "work_dir": "/srv/evalprov", "sample_data": True,
+                      "health_check_timeout": 600},
         "deployment": {"checkpoint_path": str(TINY), "served_model_name": "tiny",
                        "tensor_parallel_size": 1, "data_parallel_size": 2,
                        "gpu_memory_utilization": 0.9,
-                       "extra_args": "--max-model-len 512 --dtype float32 --enforce-eager"},
-        "evaluation": {"tasks": [{"name": "ifeval"}]},
+                       "extra_args": "--max-model-len 512 --dtype float32 --enforce-eager",
+                       "env_vars": {k: "lit:1" for k in (
+                           "VLLM_CPU_KVCACHE_SPACE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
+                           "VLLM_NO_USAGE_STATS", "DO_NOT_TRACK")}},
+        "evaluation": {"nemo_evaluator_config": {"config": {"params": {
+            "limit_samples": 3, "max_new_tokens": 16, "parallelism": 1}}},
+            "tasks": [{"name": "ifeval"}]},
     }
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    config = load_config(path, (), default_execution="baremetal").config
-    # hosts of one GPU each: DP 2 needs two of them, a node group with a rank on each
-    hosts = [HostFacts(h, 1, fleet.host(h).ip) for h in ("h1", "h2")]
-    p = plan(config, hosts)
-    (g,) = p.groups
-    (head,), (worker,) = p.host("h1").instances, p.host("h2").instances
-    env = {"PATH": f"{VLLM.parent}:/usr/bin:/bin", "HOME": "/root", "LANG": "C.UTF-8",
-           "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
-    procs = []
-    try:
-        for inst, h in ((head, "h1"), (worker, "h2")):
-            log = open(tmp_path / f"{h}.log", "wb")  # noqa: SIM115 - the process keeps it
-            procs.append(subprocess.Popen(
-                ["ip", "netns", "exec", fleet.host(h).netns, str(VLLM), *inst.argv[1:]],
-                env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True))
-
-        def healthy() -> bool:
-            assert procs[0].poll() is None, (tmp_path / "h1.log").read_text()[-3000:]
-            assert procs[1].poll() is None, (tmp_path / "h2.log").read_text()[-3000:]
-            return fleet.exec("h1", ["python3", "-c", (
-                "import urllib.request; urllib.request.urlopen("
-                f"'http://127.0.0.1:{head.port}/health', timeout=3)")],
-                check=False).returncode == 0
-
-        wait_for(healthy, timeout=600, interval=2, what="the real vLLM head to serve")
-        out = fleet.exec("h1", ["python3", "-c", (
-            "import json, urllib.request; print(urllib.request.urlopen(urllib.request.Request("
-            f"'http://127.0.0.1:{head.port}/v1/completions', data=json.dumps({{'model': "
-            "'tiny', 'prompt': 'Hello', 'max_tokens': 4, 'temperature': 0}).encode(), "
-            "headers={'Content-Type': 'application/json'}), timeout=60).read().decode())")],
-            timeout=90).stdout
-        answer = json.loads(out)
-        assert answer["choices"][0]["finish_reason"] == "length", answer
-        assert "-dp2-" in answer["system_fingerprint"], answer  # e.g. vllm-0.32.0-dp2-...
-        text = (tmp_path / "h2.log").read_text(errors="replace")
-        assert ("Launching 1 data parallel engine(s) in headless mode, with head node "
-                f"address tcp://{g.head_address}:{g.port}") in text, text[-3000:]
-        assert "EngineCore_DP1" in text, text[-3000:]
-    finally:
-        for proc in procs:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+    plan_, result, _, code, text = run_apply(path, inv)
+    assert code == 0, text
+    (g,) = plan_.groups
+    assert (g.hosts, g.mode) == (("h1", "h2"), "data-parallel")
+    (rec,) = result.tasks
+    assert rec["status"] == "succeeded" and rec["host"] == "h1", rec
+    assert rec["primary"]["metric"] == "prompt_level_strict_acc"
+    (head,) = plan_.host("h1").instances
+    out = fleet.exec("h1", ["python3", "-c", (
+        "import json, urllib.request; print(urllib.request.urlopen(urllib.request.Request("
+        f"'http://127.0.0.1:{head.port}/v1/completions', data=json.dumps({{'model': "
+        "'tiny', 'prompt': 'Hello', 'max_tokens': 4, 'temperature': 0}).encode(), "
+        "headers={'Content-Type': 'application/json'}), timeout=60).read().decode())")],
+        timeout=90).stdout
+    answer = json.loads(out)
+    assert "-dp2-" in answer["system_fingerprint"], answer  # e.g. vllm-0.32.0-dp2-...
+    worker_log = fleet.exec("h2", ["cat", f"/srv/evalprov/vllm/{INSTANCE}.log"]).stdout.decode(
+        errors="replace")
+    assert ("Launching 1 data parallel engine(s) in headless mode, with head node "
+            f"address tcp://{g.head_address}:{g.port}") in worker_log, worker_log[-3000:]
+    assert "EngineCore_DP1" in worker_log, worker_log[-3000:]
+    proc = subprocess.run([sys.executable, "-m", "evalprov.cli", "destroy", str(path), "-i",
+                           str(inv)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for h in ("h1", "h2"):
+        ps = fleet.exec(h, ["ps", "ax", "-o", "args"]).stdout.decode()
+        assert "vllm serve" not in ps and "EngineCore" not in ps, (h, ps)

@@ -318,3 +318,18 @@ def test_walltime_forms():
     assert slurm.walltime_seconds("01:00:00") == 3600
     assert slurm.walltime_seconds("2-01:00:00") == 2 * 86400 + 3600
     assert slurm.walltime_seconds("30:00") == 1800
+
+
+def test_a_key_the_user_gives_vllm_is_sent_by_the_harness_on_slurm_too():
+    """deployment.env_vars.VLLM_API_KEY: the servers require it, so the tasks send it (the
+    job's health checks read it from the deployment's secrets); one instance on loopback
+    needs no key of evalprov's own."""
+    from evalprov import apikey
+
+    config = seed("deployment.env_vars.VLLM_API_KEY=host:EVALPROV_TEST_KEY")
+    assert apikey.keyed(config) and not apikey.needed(config)
+    d = decision("-o", "deployment.env_vars.VLLM_API_KEY=host:EVALPROV_TEST_KEY")
+    for t in d.host_vars[HOST]["evalprov_slurm_spec"]["tasks"]:
+        assert t["run_config"]["target"]["api_endpoint"]["api_key_name"] == "EVALPROV_API_KEY"
+    assert not apikey.keyed(seed()) and not apikey.needed(seed())
+    assert apikey.needed(seed("execution.num_nodes=2", "execution.num_instances=2"))
