@@ -250,6 +250,12 @@ class VllmDeployment(_EnvVarsMixin):
         Int, Field(ge=1, le=MAX_PARALLEL, description="PP size.")] = 1
     data_parallel_size: Annotated[
         Int, Field(ge=1, le=MAX_PARALLEL, description="vLLM DP size.")] = 1
+    data_parallel_size_local: Annotated[
+        Int | None, Field(ge=1, le=MAX_PARALLEL, description=(
+            "Data-parallel ranks per node (NEL's multi-node examples): with "
+            "data_parallel_size left at 1 it becomes ranks x the nodes an instance spans "
+            "(Slurm: num_nodes / num_instances; a bare-metal host: 1); else it must agree."))
+    ] = None
     gpu_memory_utilization: Annotated[
         Float, Field(gt=0, le=1, description="Fraction of GPU memory vLLM may use.")
     ] = 0.95
@@ -705,6 +711,27 @@ class Config(_EnvVarsMixin):
                                  "digits, _ or - (it names the server)")
         return value or {}
     export: Annotated[dict[str, Any] | None, Field(description="NEL exporters.")] = None
+
+    @model_validator(mode="after")
+    def _ranks_per_node(self) -> Config:
+        """deployment.data_parallel_size_local (ranks per node, as NEL's examples write it)
+        into data_parallel_size, the one size the planner splits over nodes."""
+        dep, exe = self.deployment, self.execution
+        local = getattr(dep, "data_parallel_size_local", None)
+        if local is None:
+            return self
+        nodes = 1
+        if isinstance(exe, SlurmExecution) and exe.num_nodes % exe.num_instances == 0:
+            nodes = exe.num_nodes // exe.num_instances
+        if dep.data_parallel_size == 1:
+            dep.data_parallel_size = local * nodes
+        elif dep.data_parallel_size != local * nodes:
+            raise ValueError(
+                f"deployment.data_parallel_size_local: {local} ranks per node over {nodes} "
+                f"node(s) per instance is {local * nodes} ranks, but data_parallel_size is "
+                f"{dep.data_parallel_size}; set data_parallel_size {local * nodes} or drop "
+                "data_parallel_size_local")
+        return self
 
     @model_validator(mode="after")
     def _target_for_none(self) -> Config:

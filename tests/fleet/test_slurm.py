@@ -24,6 +24,7 @@ import pytest
 
 from tests.testbed import STANDIN_IMAGE
 from tests.testbed.slurm import ACCOUNT, PARTITION
+from tests.testbed.util import beside
 
 pytestmark = pytest.mark.fleet
 
@@ -87,6 +88,24 @@ def apply_seed(cluster, remote, local, *extra, check=False, **kw):
 def summary(local: Path) -> dict:
     runs = sorted(p for p in local.iterdir() if (p / "summary.json").exists())
     return json.loads((runs[-1] / "summary.json").read_text())
+
+
+def apply_both_succeed(cluster, work, local, look, *extra, **kw):
+    """apply_seed with look() every 0.5 s beside it; once both tasks succeeded: apply's
+    process, the run's summary, its job directory and the driver's final state."""
+    def watch(done: threading.Event) -> None:
+        while not done.is_set():
+            look()
+            done.wait(0.5)
+
+    with beside(watch):
+        proc = apply_seed(cluster, work, local, *extra, **kw)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    s = summary(local)
+    assert {t["task"]: t["status"] for t in s["tasks"]} == {"ifeval": "succeeded",
+                                                           "gpqa_diamond": "succeeded"}
+    run_dir = work / s["run"]
+    return proc, s, run_dir, json.loads((run_dir / "state.json").read_text())
 
 
 def test_seed_example_runs_as_one_job_and_scores_come_home(cluster, work, tmp_path):
@@ -166,36 +185,21 @@ def test_a_two_node_job_serves_as_a_data_parallel_head_and_a_headless_worker(clu
     tasks run against it."""
     local = tmp_path / "results"
     seen: list[str] = []  # docker inspect of every container on the nodes, while it runs
-    stop = threading.Event()
 
-    def watch() -> None:
-        while not stop.is_set():
-            for h in cluster.fleet.hosts:
-                out = cluster.fleet.docker(h.name, "ps", "-q", check=False).stdout
-                ids = out.decode().split()
-                if ids:
-                    seen.append(cluster.fleet.docker(h.name, "inspect", *ids,
-                                                     check=False).stdout.decode())
-            stop.wait(0.5)
+    def look() -> None:
+        for h in cluster.fleet.hosts:
+            ids = cluster.fleet.docker(h.name, "ps", "-q", check=False).stdout.decode().split()
+            if ids:
+                seen.append(cluster.fleet.docker(h.name, "inspect", *ids,
+                                                 check=False).stdout.decode())
 
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-    try:
-        proc = apply_seed(cluster, work, local, "-o", "execution.num_nodes=2",
-                          "-o", "deployment.data_parallel_size=4",
-                          "-o", "deployment.env_vars.HF_TOKEN=host:EVALPROV_SLURM_DEP_TOKEN",
-                          env_extra={"EVALPROV_SLURM_DEP_TOKEN": SECRET})
-    finally:
-        stop.set()
-        watcher.join(timeout=60)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    s = summary(local)
-    assert {t["task"]: t["status"] for t in s["tasks"]} == {"ifeval": "succeeded",
-                                                           "gpqa_diamond": "succeeded"}
-    run_dir = work / s["run"]
+    _proc, _s, run_dir, state = apply_both_succeed(
+        cluster, work, local, look, "-o", "execution.num_nodes=2",
+        "-o", "deployment.data_parallel_size=4",
+        "-o", "deployment.env_vars.HF_TOKEN=host:EVALPROV_SLURM_DEP_TOKEN",
+        env_extra={"EVALPROV_SLURM_DEP_TOKEN": SECRET})
     spec = json.loads((run_dir / "job.json").read_text())
     (w,) = spec["instances"][0]["group"]["workers"]
-    state = json.loads((run_dir / "state.json").read_text())
     worker_log = (run_dir / "evalprov-vllm-0.w1.log").read_text()
     # the worker ran on the node that is not the batch node, and joined the head there
     (line,) = [ln for ln in worker_log.splitlines() if ln.startswith("evalprov job worker 1")]
@@ -264,35 +268,21 @@ def test_several_instances_serve_one_per_node_behind_haproxy_on_the_batch_node(c
 
     local = tmp_path / "results"
     statuses: list[str] = []  # each node's port 8000 asked from the other without a key
-    stop = threading.Event()
     h1, h2 = (h.name for h in cluster.fleet.hosts[:2])
     ask = ("import sys, urllib.request, urllib.error\n"
            "try:\n    urllib.request.urlopen(sys.argv[1], timeout=3); print(200)\n"
            "except urllib.error.HTTPError as e:\n    print(e.code)\n"
            "except OSError:\n    print('refused')\n")
 
-    def watch() -> None:
-        while not stop.is_set():
-            for src, dst in ((h1, h2), (h2, h1)):
-                url = f"http://{cluster.fleet.host(dst).ip}:8000/v1/models"
-                out = cluster.fleet.exec(src, ["python3", "-c", ask, url], check=False)
-                statuses.append(out.stdout.decode().strip())
-            stop.wait(0.5)
+    def look() -> None:
+        for src, dst in ((h1, h2), (h2, h1)):
+            url = f"http://{cluster.fleet.host(dst).ip}:8000/v1/models"
+            out = cluster.fleet.exec(src, ["python3", "-c", ask, url], check=False)
+            statuses.append(out.stdout.decode().strip())
 
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-    try:
-        proc = apply_seed(cluster, work, local, "-o", "execution.num_nodes=2",
-                          "-o", "execution.num_instances=2")
-    finally:
-        stop.set()
-        watcher.join(timeout=60)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    s = summary(local)
-    assert {t["task"]: t["status"] for t in s["tasks"]} == {"ifeval": "succeeded",
-                                                           "gpqa_diamond": "succeeded"}
-    run_dir = work / s["run"]
-    state = json.loads((run_dir / "state.json").read_text())
+    proc, s, run_dir, state = apply_both_succeed(cluster, work, local, look,
+                                                 "-o", "execution.num_nodes=2",
+                                                 "-o", "execution.num_instances=2")
     # instance 1 ran on the other node, on its address (the one haproxy reached it at)
     log1 = (run_dir / "evalprov-vllm-1.log").read_text()
     (line,) = [ln for ln in log1.splitlines() if ln.startswith("evalprov job member on node")]

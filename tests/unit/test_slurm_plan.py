@@ -333,3 +333,17 @@ def test_a_key_the_user_gives_vllm_is_sent_by_the_harness_on_slurm_too():
         assert t["run_config"]["target"]["api_endpoint"]["api_key_name"] == "EVALPROV_API_KEY"
     assert not apikey.keyed(seed()) and not apikey.needed(seed())
     assert apikey.needed(seed("execution.num_nodes=2", "execution.num_instances=2"))
+
+
+def test_nels_haproxy_example_serves_its_ranks_per_node_on_each_instance():
+    """NEL's slurm_vllm_multinode_dp_haproxy.yaml writes data_parallel_size_local: 8 (and
+    leaves data_parallel_size at 1): each of its two single-node instances serves DP 8."""
+    path = REPO / "tests" / "data" / "nel_generations" / "multinode_haproxy_example.yaml"
+    inputs = Inputs(config=load_config(path, []).config, hosts=(), run_id="r1", owner="own",
+                    previous={}, rerun=None)
+    d = decide_slurm(inputs, {})
+    spec = d.host_vars["login.cluster.example"]["evalprov_slurm_spec"]
+    assert [e["node"] for e in spec["instances"]] == [0, 1]
+    for e in spec["instances"]:
+        assert "--data-parallel-size=8" in e["instance"]["argv"]
+        assert e["instance"]["gpus"] == list(range(8))
