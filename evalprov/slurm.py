@@ -368,7 +368,7 @@ def explain_missing(records: list[dict[str, Any]], job: dict[str, Any]) -> None:
     preemption, a dead node) failed because of how the job ended: say so first, then what
     the task itself left (a task that brought nothing home is failed, not "missing")."""
     ended = [j for j in job.get("jobs") or [] if j.get("state") in ENDED_EARLY
-             and j.get("reason") != "DependencyNeverSatisfied"]
+             and j.get("ran", True) and j.get("reason") != "DependencyNeverSatisfied"]
     # the driver's own account: warned of the time limit, cancelled, or the server died
     ended += [job] if job.get("phase") in ("failed", "stopping") and job.get("message") else []
     for rec in records:

@@ -24,7 +24,7 @@ import pytest
 
 from tests.testbed import STANDIN_IMAGE
 from tests.testbed.slurm import ACCOUNT, PARTITION
-from tests.testbed.util import beside
+from tests.testbed.util import beside, wait_for
 
 pytestmark = pytest.mark.fleet
 
@@ -323,6 +323,44 @@ def test_a_server_that_dies_ends_the_job_at_once_quoting_its_log(cluster, work, 
         assert "vLLM stopped before it became healthy" in rec["error"], rec["error"]
         assert "Engine core initialization failed" in rec["error"], rec["error"]
     assert "Engine core initialization failed" in proc.stderr
+    nothing_runs(cluster)
+
+
+def test_a_server_lost_while_the_tasks_run_ends_them_at_once_named_first(cluster, work,
+                                                                        tmp_path):
+    """The job watches its server while the tasks run: killed mid-task (the stand-in answers
+    one request, then takes 10 minutes for each), the running task ends within a few looks
+    at its /health and the queued one never starts, each record naming the lost server
+    first; the job's own message is not put before it (the job served to the end)."""
+    local = tmp_path / "results"
+
+    def kill_server(done) -> None:
+        def served() -> str | None:
+            for h in cluster.fleet.hosts:
+                ids = cluster.fleet.docker(h.name, "ps", "-q", "--filter",
+                                           "label=evalprov.managed=true",
+                                           check=False).stdout.decode().split()
+                log = next(iter(work.glob("*/tasks/*/logs/harness.log")), None)
+                if ids and log is not None and b"Request completed" in log.read_bytes():
+                    cluster.fleet.docker(h.name, "kill", *ids, check=False)
+                    return h.name
+            return None
+
+        wait_for(lambda: done.is_set() or served(), timeout=DEADLINE, interval=0.5,
+                 what="the task's first answered request")
+
+    t0 = time.monotonic()
+    with beside(kill_server):
+        proc = apply_seed(cluster, work, local, "-o", "execution.eval_concurrency=1",
+                          "-o", "deployment.env_vars.STANDIN_SLOW_AFTER=lit:1",
+                          "-o", "deployment.env_vars.STANDIN_SLOW_SECONDS=lit:600")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert time.monotonic() - t0 < 400  # far below the 600 s the held request would take
+    recs = summary(local)["tasks"]
+    assert [r["status"] for r in recs] == ["failed", "failed"], recs
+    for rec in recs:
+        assert rec["error"].startswith("its server stopped serving: "
+                                       "http://127.0.0.1:8000/health did not answer"), rec
     nothing_runs(cluster)
 
 

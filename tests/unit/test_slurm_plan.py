@@ -312,6 +312,14 @@ def test_a_task_that_did_not_finish_says_how_the_job_ended():
     own = [{"task": "c", "status": "failed", "error": "harness exited 1"}]
     slurm.explain_missing(own, done)
     assert own[0]["error"] == "harness exited 1"
+    # a job that failed because its tasks did, its successor cancelled before it ran: the
+    # task's own error only
+    failed = {"jobs": [{"id": "9", "state": "FAILED", "reason": "", "ran": True},
+                       {"id": "10", "state": "CANCELLED", "reason": "", "ran": False}],
+              "phase": "failed", "message": ""}
+    own = [{"task": "c", "status": "failed", "error": "its server stopped serving: x"}]
+    slurm.explain_missing(own, failed)
+    assert own[0]["error"] == "its server stopped serving: x"
 
 
 def test_walltime_forms():

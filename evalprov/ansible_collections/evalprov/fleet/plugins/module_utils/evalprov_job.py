@@ -306,8 +306,9 @@ class Job:
             if not started.alive():
                 text = started.output()
                 cause = decisive_line(text)
-                head = (f"vLLM ({started.inst['name']}) stopped before it became healthy on "
-                        f"{self.state['node']}")
+                which = (f" ({started.inst['name']})" if len(self.spec["instances"]) > 1
+                         else "")
+                head = f"vLLM{which} stopped before it became healthy on {self.state['node']}"
                 return f"{head}: {cause}" if cause else f"{head}; log tail: {text[-500:]}"
         return None
 
@@ -477,7 +478,10 @@ class Job:
         if successor and (not unfinished or not self.timed_out):
             subprocess.run(["scancel", successor], capture_output=True, check=False, timeout=60)
         final = "done" if not unfinished else "failed"
-        self.save(phase=final, ended=time.time())
+        # tasks that failed on their own (the job served them to the end): each record says
+        # why; the job's message is for how the job itself ended
+        own = self.state.get("phase") == "evaluating" and not self.stopping.is_set()
+        self.save(phase=final, ended=time.time(), **({"message": ""} if own else {}))
         return 143 if self.stopping.is_set() else (code or (1 if unfinished else 0))
 
     def _serve_and_evaluate(self, pending):

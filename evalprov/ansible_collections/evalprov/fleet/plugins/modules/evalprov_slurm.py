@@ -144,7 +144,9 @@ def poll(p):
     jobs = []
     for job_id in ids:
         state, reason, code = job_state(job_id)
-        jobs.append({"id": job_id, "state": state, "reason": reason, "exit_code": code})
+        # ran: its driver started (a successor cancelled before it ever ran did not)
+        jobs.append({"id": job_id, "state": state, "reason": reason, "exit_code": code,
+                     "ran": os.path.exists(os.path.join(p["job_dir"], f"state-{job_id}.json"))})
     live = [j for j in jobs if j["state"] not in ENDED and j["state"] != "UNKNOWN"]
     # a successor waiting on a job that completed can never start (DependencyNeverSatisfied)
     running = any(j["reason"] != "DependencyNeverSatisfied" for j in live)
