@@ -535,12 +535,17 @@ def slurm_hosts(execution: SlurmExecution) -> list[HostFacts]:
 
 
 def slurm_nodes_per_instance(execution: SlurmExecution) -> int:
-    """NEL's topology: num_instances instances of num_nodes / num_instances nodes each."""
+    """NEL's topology: num_instances instances of num_nodes / num_instances nodes each (each
+    instance with its node(s) of its own)."""
     n, k = execution.num_nodes, execution.num_instances
     if n % k:
         raise PlanError(f"execution.num_nodes: {n} is not a multiple of execution.num_instances "
                         f"{k}: each instance runs on num_nodes / num_instances nodes; give "
                         f"num_nodes {k * max(1, n // k)} or num_instances a divisor of {n}")
+    if k > 1 and execution.instances_per_host != 1:
+        raise PlanError(f"execution.instances_per_host: {execution.instances_per_host} with "
+                        f"execution.num_instances {k}: on Slurm each instance has its own "
+                        "node(s); remove instances_per_host")
     return n // k
 
 
@@ -555,12 +560,8 @@ def slurm_instances(config: Config, planned: tuple[Instance, ...]) -> tuple[Inst
     proxy on the batch node (so they require the deployment's API key: apikey.needed)."""
     exe = config.execution
     assert isinstance(exe, SlurmExecution)
-    per = slurm_nodes_per_instance(exe)
-    if len(planned) != 1:
-        raise PlanError(f"execution.instances_per_host: {exe.instances_per_host} with "
-                        f"execution.num_instances {exe.num_instances}: on Slurm each instance "
-                        "has its own node(s); remove instances_per_host")
-    first = planned[0]
+    per = slurm_nodes_per_instance(exe)  # one planned instance: instances_per_host is 1
+    (first,) = planned
     out = [first]
     for i in range(1, exe.num_instances):
         argv = list(first.argv)

@@ -223,10 +223,6 @@ def check_supported(exe: SlurmExecution, dep: Any = None) -> None:
     from evalprov.plan import slurm_nodes_per_instance
 
     per = slurm_nodes_per_instance(exe)
-    if exe.num_instances > 1 and exe.instances_per_host != 1:
-        raise PlanError(f"execution.instances_per_host: {exe.instances_per_host} with "
-                        f"execution.num_instances {exe.num_instances}: on Slurm each instance "
-                        "has its own node(s); remove instances_per_host")
     if per > 1:
         group_shape(exe, dep, per)
 

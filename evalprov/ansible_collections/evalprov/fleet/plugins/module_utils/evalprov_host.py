@@ -7,6 +7,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import shutil
 import socket
 import time
 import urllib.error
@@ -63,6 +64,13 @@ def listening_ports():
 # whose state file lies beside the process runtime's instances
 PROXY_NAME = "evalprov-lb"
 PROXY_BACKEND = "evalprov_vllm"
+
+
+def haproxy_path():
+    """Debian's haproxy on this host ("" none): on PATH, or in sbin when PATH lacks it."""
+    return shutil.which("haproxy") or next(
+        (p for p in ("/usr/sbin/haproxy", "/usr/local/sbin/haproxy") if os.access(p, os.X_OK)),
+        "")
 
 
 def proxy_servers(stats_port):

@@ -45,6 +45,7 @@ from ansible_collections.evalprov.fleet.plugins.module_utils.evalprov_host impor
     ENV_FROM_FILE,
     SECRETS_IN_CONTAINER,
     decisive_line,
+    haproxy_path,
     health,
     proxy_mark,
     proxy_requests,
@@ -257,7 +258,8 @@ class Job:
 
         for i, e in enumerate(self.spec["instances"]):
             inst, start, group = e["instance"], int(e["node"]), e.get("group")
-            head = address(start) if group or start else "127.0.0.1"
+            api = address(start) if start else "127.0.0.1"  # its API, as reached from here
+            head = address(start) if group else api  # where its members reach its head
             if group:
                 self.save(message=f"starting {inst['label']} over {group['nodes']} nodes ("
                           f"{', '.join(nodes[start:start + int(group['nodes'])])}; head {head})")
@@ -267,8 +269,7 @@ class Job:
                 self.start_step(i, 0, nodes[start], head)
             else:
                 self.start_server(member_vars(e, 0, head))
-            # its API: on loopback here, on its node's address elsewhere
-            self.heads.append((inst, head if start else "127.0.0.1"))
+            self.heads.append((inst, api))
         self.addresses = addresses
 
     def start_step(self, index, w, node, head):
@@ -300,8 +301,9 @@ class Job:
             e = self.spec["instances"][index]
             text = tail(os.path.join(self.dir, f"{member_log(e['instance'], w)}.log"), 40)
             cause = decisive_line(text) or text.replace("\n", " ")[-300:]
-            return (f"{member_part(e, w)} on node {node} exited ({proc.returncode}) before "
-                    f"the deployment served: {cause}")
+            who = f"{'worker of ' if w else ''}{e['instance']['name']} ({member_part(e, w)})"
+            return (f"{who} on node {node} exited ({proc.returncode}) before the deployment "
+                    f"served: {cause}")
         for started in self.servers:
             if not started.alive():
                 text = started.output()
@@ -367,10 +369,8 @@ class Job:
         """haproxy on this node in front of every instance (its config evalprov rendered;
         the other nodes' addresses in its environment): None once it sees every one up."""
         px = self.spec["proxy"]
-        haproxy = shutil.which("haproxy") or next(
-            (p for p in ("/usr/sbin/haproxy", "/usr/local/sbin/haproxy")
-             if os.access(p, os.X_OK)), None)
-        if haproxy is None:
+        haproxy = haproxy_path()
+        if not haproxy:
             return (f"haproxy is not installed on node {self.state['node']}, and the "
                     f"{len(px['servers'])} instances need it in front of them; install "
                     "haproxy on the compute nodes or set execution.proxy.type: none")
@@ -504,16 +504,9 @@ class Job:
         # the servers watched while the tasks run (a lost one ends its tasks at once, named
         # first); the reproducibility record's facts of this node (image, /version, model,
         # harness), read beside the tasks as the eval module does on a host
-        stop = threading.Event()
-        servers = ServerWatch(set(self.health_urls()))
-        watcher = threading.Thread(target=servers.run, args=(stop,), daemon=True)
-        watcher.start()
-        try:
+        with ServerWatch(set(self.health_urls())).running() as servers:
             _, record = beside_facts(self.spec.get("provenance"), lambda: pool_map(
                 lambda t: self.run_task(t, servers), pending, self.spec["concurrency"]))
-        finally:
-            stop.set()
-            watcher.join()
         if record is not None:
             self.save(provenance=record)
         if self.spec.get("proxy"):  # the requests each instance answered
@@ -606,11 +599,11 @@ def member_log(inst, w):
 
 
 def member_part(entry, w):
+    """What member w of an instance is: its head, or its worker's ranks."""
     if w == 0:
-        return f"{entry['instance']['name']} (its head)"
+        return "its head"
     (spec,) = [x for x in entry["group"]["workers"] if int(x["node"]) == w]
-    return (f"worker of {entry['instance']['name']} "
-            f"({spec.get('part') or 'data-parallel ranks from ' + str(spec['rank'])})")
+    return spec.get("part") or f"data-parallel ranks from {spec['rank']}"
 
 
 def run_member(job_dir, index, w, head):
@@ -625,10 +618,8 @@ def run_member(job_dir, index, w, head):
         signal.signal(sig, lambda *_: stop.set())
     log_path = os.path.join(job_dir, f"{member_log(inst, w)}.log")
     with open(log_path, "a") as log:
-        part = member_part(entry, w)
         log.write(f"evalprov job {'worker ' + str(w) if w else 'member'} on node "
-                  f"{os.uname().nodename}: {part.split('(', 1)[-1].rstrip(')')}, "
-                  f"head {head}\n")
+                  f"{os.uname().nodename}: {member_part(entry, w)}, head {head}\n")
 
     def head_gone():  # the batch node closes this step's stdin when it stops the job
         sys.stdin.read()

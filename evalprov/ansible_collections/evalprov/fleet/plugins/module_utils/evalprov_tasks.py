@@ -17,6 +17,7 @@ the harness logs its requests, and result.json when every task has ended."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -295,6 +296,18 @@ class ServerWatch:
         while not stop.wait(self.interval):
             self.look()
 
+    @contextlib.contextmanager
+    def running(self):
+        """The watch, in a thread of its own while the block runs."""
+        stop = threading.Event()
+        thread = threading.Thread(target=self.run, args=(stop,), daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            stop.set()
+            thread.join()
+
 
 def run_all(p, every=1.0):
     """Every task of p (at most p["concurrency"] at a time), the record's facts read beside
@@ -332,17 +345,15 @@ def run_all(p, every=1.0):
     servers = ServerWatch({u for t in p["tasks"] for u in t.get("health_urls") or []},
                           **p.get("server_watch", {}))
     look()
-    watchers = [threading.Thread(target=watch, daemon=True),
-                threading.Thread(target=servers.run, args=(stop,), daemon=True)]
-    for w in watchers:
-        w.start()
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
     try:
-        done, record = beside_facts(p.get("provenance"),
-                                    lambda: pool_map(one, p["tasks"], p["concurrency"]))
+        with servers.running():
+            done, record = beside_facts(p.get("provenance"),
+                                        lambda: pool_map(one, p["tasks"], p["concurrency"]))
     finally:
         stop.set()
-        for w in watchers:
-            w.join()
+        watcher.join()
     look()
     return {"changed": bool(done), "tasks": done, "provenance": record,
             "failed_tasks": [t["name"] for t in done if t["rc"] != 0]}

@@ -64,6 +64,7 @@ from ansible_collections.evalprov.fleet.plugins.module_utils.evalprov_host impor
     PROXY_NAME,
     containers,
     docker_api,
+    haproxy_path,
     health,
     is_ours,
     listening_ports,
@@ -159,12 +160,6 @@ def proxy_unit(state_dir):
     servers = proxy_servers(rec["stats_port"]) if running and rec.get("stats_port") else {}
     return {"spec_hash": rec.get("spec_hash", ""), "port": rec.get("port"),
             "running": running, "serving": bool(servers) and all(up for up, _ in servers.values())}
-
-
-def haproxy_path():
-    return shutil.which("haproxy") or next(
-        (p for p in ("/usr/sbin/haproxy", "/usr/local/sbin/haproxy") if os.access(p, os.X_OK)),
-        "")
 
 
 def venv_state(venvs):

@@ -158,6 +158,7 @@ def poll(p):
         log = LogProgress(os.path.join(t["dir"], "logs", "harness.log"), limit_of(t))
         progress[t["name"]] = {"status": tasks.get(t["name"], "pending"), "done": log.read(),
                                "total": log.total}
+    counts = os.path.join(p["job_dir"], "proxy-requests.json")
     archives = [{"name": t["name"], "slug": t["slug"], "status": tasks.get(t["name"], "pending"),
                  "archive": t["dir"] + ".tar.gz"} for t in spec.get("tasks") or []
                 if os.path.exists(t["dir"] + ".tar.gz")]
@@ -166,9 +167,7 @@ def poll(p):
             "node": driver.get("node"), "tasks": tasks, "evalprov_eval_progress": progress,
             "archives": archives,
             # the requests each instance behind the job's proxy answered (when it had one)
-            "proxy_requests": (os.path.join(p["job_dir"], "proxy-requests.json")
-                               if os.path.exists(os.path.join(p["job_dir"],
-                                                              "proxy-requests.json")) else ""),
+            "proxy_requests": counts if os.path.exists(counts) else "",
             # the job's own timeline (the node's clock) and the node's facts for the record
             "timeline": {"started": driver.get("started"), "ended": driver.get("ended"),
                          "phases": driver.get("phases") or []},
