@@ -215,7 +215,7 @@ def test_unhealthy_server_fails_with_the_log_tail_saved(fleet3, tmp_path):
     config = write_config(tmp_path, execution__health_check_timeout=4,
                           execution__instances_per_host=1,
                           deployment__env_vars={"STANDIN_NEVER_HEALTHY": "lit:1"})
-    _, result, run_dir, code, out = run_apply(config, inv, limit="h2")
+    _, _, run_dir, code, out = run_apply(config, inv, limit="h2")
     assert code == 1
     assert "instance evalprov-vllm-0 not healthy after 4 s" in out
     log = run_dir / "logs" / "h2" / "evalprov-vllm-0.log"
@@ -228,10 +228,10 @@ def test_unhealthy_server_fails_with_the_log_tail_saved(fleet3, tmp_path):
                           execution__instances_per_host=1,
                           deployment__env_vars={"STANDIN_EXIT_AFTER": "lit:1",
                                                 "STANDIN_NEVER_HEALTHY": "lit:1"})
-    _, result, _, code, out = run_apply(config, inv, limit="h3")
+    _, _, _, code, out = run_apply(config, inv, limit="h3")
     assert code == 1
     assert "stopped before it became healthy" in out
-    assert result.seconds < 45
+    assert "not healthy after" not in out, out  # it did not wait out the 90 s
 
 
 def test_secret_env_reaches_the_server_and_no_file_evalprov_writes(fleet3, tmp_path,

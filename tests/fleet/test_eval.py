@@ -25,7 +25,12 @@ from tests.testbed import STANDIN_IMAGE
 pytestmark = pytest.mark.fleet
 
 SECRET = "hf_evalprov_task_secret_93b7d2"  # grepped for in every file evalprov writes
+HOLD = "/tmp/evalprov-test-go"  # a stand-in holding its answers until this file exists
 PARAMS = {"config": {"params": {"limit_samples": 3, "max_new_tokens": 32, "parallelism": 2}}}
+
+
+def harness_container(inspected: dict) -> bool:
+    return (inspected["Config"]["Labels"] or {}).get("evalprov.managed") == "eval"
 
 
 @pytest.fixture
@@ -247,7 +252,10 @@ def test_secrets_passed_every_way_and_the_api_key_of_an_opened_api_leave_no_valu
         {"name": "ifeval", "env_vars": {"HF_TOKEN": "EVALPROV_TEST_BARE"}},
         {"name": "gpqa_diamond", "env_vars": {"MY_API_TOKEN": f"lit:{literal}"}},
     ], deployment={"host": "0.0.0.0",
-                   "env_vars": {"HF_TOKEN": "host:EVALPROV_TEST_HOSTED"}}, placement="shard")
+                   # each server holds its task's requests until the watcher below has seen
+                   # the task's harness container (it then makes the file)
+                   "env_vars": {"HF_TOKEN": "host:EVALPROV_TEST_HOSTED",
+                                "STANDIN_HOLD_UNTIL": f"lit:{HOLD}"}}, placement="shard")
     xdg = tmp_path / "xdg"
     env = {**os.environ, "XDG_CONFIG_HOME": str(xdg), "EVALPROV_TEST_BARE": bare,
            "EVALPROV_TEST_HOSTED": hosted}
@@ -256,19 +264,29 @@ def test_secrets_passed_every_way_and_the_api_key_of_an_opened_api_leave_no_valu
          f"deployment.env_vars.X_SECRET_TOKEN=lit:{override}"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     plain = [bare, hosted, literal, override]
-    seen: dict[str, list] = {"inspect": [], "argv": [], "env": [], "controller": []}
+    seen: dict[str, list] = {"inspect": [], "argv": [], "env": [], "controller": [],
+                             "errors": []}
     stop = threading.Event()
+
+    def look(h) -> None:
+        ids = fleet.docker(h.name, "ps", "-q", check=False).stdout.decode().split()
+        if ids:
+            out = fleet.docker(h.name, "inspect", *ids, check=False).stdout.decode()
+            found = json.loads(out or "[]")
+            seen["inspect"].extend(found)
+            if any(harness_container(c) for c in found):  # seen running: let it go on
+                fleet.docker(h.name, "exec", "evalprov-vllm-0", "touch", HOLD, check=False)
+        for p in holders(fleet, h.name, plain):
+            seen["argv" if p["argv_hits"] else "env"].append((h.name, p))
 
     def watch() -> None:  # what a user of the hosts could see while the run goes on
         while not stop.is_set():
-            for h in fleet.hosts:
-                ids = fleet.docker(h.name, "ps", "-q", check=False).stdout.decode().split()
-                if ids:
-                    out = fleet.docker(h.name, "inspect", *ids, check=False).stdout.decode()
-                    seen["inspect"].extend(json.loads(out or "[]"))
-                for p in holders(fleet, h.name, plain):
-                    seen["argv" if p["argv_hits"] else "env"].append((h.name, p))
-            seen["controller"].extend(holders(fleet, None, plain, (proc.pid, os.getpid())))
+            try:
+                for h in fleet.hosts:
+                    look(h)
+                seen["controller"].extend(holders(fleet, None, plain, (proc.pid, os.getpid())))
+            except Exception as e:  # the test reports it; the watch goes on
+                seen["errors"].append(repr(e))
             time.sleep(0.2)
 
     watcher = threading.Thread(target=watch, daemon=True)
@@ -302,9 +320,10 @@ def test_secrets_passed_every_way_and_the_api_key_of_an_opened_api_leave_no_valu
         "ifeval": "succeeded", "gpqa_diamond": "succeeded"}
 
     # the watcher saw harness containers: none held a value in its config
-    harness = [c for c in seen["inspect"]
-               if (c["Config"]["Labels"] or {}).get("evalprov.managed") == "eval"]
-    assert harness, "no harness container was seen running"
+    assert seen["errors"] == []
+    harness = [c for c in seen["inspect"] if harness_container(c)]
+    for task in ("ifeval", "gpqa_diamond"):  # each task's harness, seen while it ran
+        assert any(f"evalprov-eval-{task}-" in c["Name"] for c in harness), task
     for c in seen["inspect"]:  # servers too: they read theirs from a file in memory
         blob = json.dumps(c)
         for v in values:

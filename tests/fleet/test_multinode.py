@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -58,10 +57,11 @@ def test_two_node_data_parallel_group_serves_the_tasks_and_recovers_a_killed_wor
         mn_fleet, tmp_path):
     fleet, inv, image = mn_fleet
     # DP 4 of one GPU each on hosts of 2 GPUs: h1 heads ranks 0-1, h2 runs 2-3 headless;
-    # the head takes 15 s to load, so a worker killed while it loads is seen by the wait
+    # the head takes 45 s to load, so a worker killed while it loads is seen by the wait
+    # (the kill comes seconds after the join; the margin is for a loaded machine)
     config = write_config(tmp_path, image, [{"name": "ifeval"}], deployment={
-        "data_parallel_size": 4, "env_vars": {"STANDIN_START_DELAY": "lit:15"}})
-    killed: dict[str, float] = {}
+        "data_parallel_size": 4, "env_vars": {"STANDIN_START_DELAY": "lit:45"}},
+        health_check_timeout=180)
 
     def kill_worker(_done) -> None:
         (cid,) = wait_for(lambda: container(fleet, "h2"), timeout=300,
@@ -69,20 +69,18 @@ def test_two_node_data_parallel_group_serves_the_tasks_and_recovers_a_killed_wor
         wait_for(lambda: ranks(fleet, "h1")["joined"] == [0, 1, 2, 3], timeout=60,
                  what="every rank joined on h1")
         fleet.docker("h2", "kill", cid)
-        killed["at"] = time.monotonic()
 
     with beside(kill_worker):
         plan, result, _, code, text = run_apply(config, inv, limit="h1,h2")
-    ended = time.monotonic()
     (g,) = plan.groups
     assert (g.hosts, g.mode) == (("h1", "h2"), "data-parallel")
     assert code != 0, text
-    # the worker is named as what failed, and the head's wait ended with it, well before
-    # the 60 s health timeout
+    # the worker is named as what failed, and the head's wait ended with it, not at the
+    # health timeout
     assert "worker evalprov-vllm-0 (data-parallel ranks from 2) of node group group-0 " \
            "stopped before the group served" in text, text
     assert "node group group-0 failed: host h2: worker" in text, text
-    assert ended - killed["at"] < 45, (ended - killed["at"], text)
+    assert "not healthy after" not in text, text
     (rec,) = result.tasks  # never started: the head never served
     assert rec["status"] == "missing" and rec["host"] == "h1", rec
 

@@ -237,10 +237,8 @@ def test_export_to_wandb_offline_writes_a_run_whose_summary_holds_the_scores(tmp
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
     monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb-cache"))
     monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb-data"))
-    t0 = time.monotonic()
     where = export.export(made.run_dir, "wandb", {"project": "evalprov-test",
                                                   "dir": str(tmp_path / "wb")})
-    assert time.monotonic() - t0 < BOUND
     assert where.startswith("wandb run ") and "(offline)" in where
     (run_dir,) = (tmp_path / "wb" / "wandb").glob("offline-run-*")
     assert where.endswith(str(run_dir))
@@ -257,11 +255,13 @@ def wait_offline_summary(run_dir: Path, timeout: float = 60.0) -> dict:
     return while the service still writes the run's log on a busy machine): bounded."""
     import time
 
+    from google.protobuf.message import DecodeError
+
     deadline = time.monotonic() + timeout
     while True:
         try:
             return offline_summary(run_dir)
-        except (AssertionError, ValueError):
+        except (AssertionError, ValueError, DecodeError):  # a record still being written
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.5)

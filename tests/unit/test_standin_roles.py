@@ -20,7 +20,8 @@ import pytest
 from tests.testbed.image import SERVER_PY
 from tests.testbed.util import free_port, wait_while_running
 
-HEARTBEAT = "0.5"  # the head drops a silent worker after 3 of these
+HEARTBEAT = "2"  # the head drops a silent worker after 3 of these (6 s: a loaded machine
+# can leave a live worker unscheduled for seconds)
 DEADLINE = 20.0  # seconds any one wait may take on a loaded 2-core machine
 EXIT_HEAD_LOST = 4
 

@@ -30,6 +30,8 @@ Behaviour switches (environment):
   STANDIN_FAIL_REQUESTS=1      completions / chat completions answer HTTP 500
   STANDIN_SLOW_AFTER=N         after N answered requests, each one waits first (a task that
                                outlives a job's time limit): STANDIN_SLOW_SECONDS (30)
+  STANDIN_HOLD_UNTIL=PATH      completions / chat completions wait (at most 600 s) until PATH
+                               exists (a test holds a task until it has seen it run)
   STANDIN_DP_HEARTBEAT=SECONDS a worker's heartbeat interval (1); the head drops a worker
                                after 3 intervals without a message
   STANDIN_DP_JOIN_TIMEOUT=SECONDS  how long a worker retries reaching its head (120)
@@ -184,6 +186,7 @@ class State:
         slow = os.environ.get("STANDIN_SLOW_AFTER", "")
         self.slow_after = int(slow) if slow.isdigit() else None
         self.slow_seconds = float(os.environ.get("STANDIN_SLOW_SECONDS", "30") or 30)
+        self.hold_until = os.environ.get("STANDIN_HOLD_UNTIL", "")
         self.lock = threading.Lock()
         self.counter = 0
         self.requests = 0
@@ -609,6 +612,9 @@ class Handler(BaseHTTPRequestHandler):
             return
         if st.slow_after is not None and st.requests >= st.slow_after:
             time.sleep(st.slow_seconds)
+        held = time.monotonic() + 600
+        while st.hold_until and not os.path.exists(st.hold_until) and time.monotonic() < held:
+            time.sleep(0.1)
         if st.fail_requests:
             log("ERROR:    STANDIN_FAIL_REQUESTS is set: failing the request")
             self.send_error_json(500, "simulated engine failure", "InternalServerError")
