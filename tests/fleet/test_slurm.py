@@ -449,13 +449,22 @@ def test_scancel_keeps_finished_tasks_fails_the_rest_and_cancels_the_resume(
 
 def test_time_limit_keeps_finished_tasks_and_auto_resume_runs_the_rest(
         cluster, work, tmp_path):
-    """walltime 2 min: the first job serves and finishes ifeval, then reaches its time limit
-    inside gpqa_diamond (it stops what it started, keeps ifeval and fails gpqa_diamond);
-    its successor (afternotok, NEL's auto-resume capped by max_walltime) serves again and
-    runs only gpqa_diamond."""
+    """The first job serves and finishes ifeval, then reaches its time limit inside
+    gpqa_diamond (it stops what it started, keeps ifeval and fails gpqa_diamond); its
+    successor (afternotok, NEL's auto-resume capped by max_walltime) serves again and runs
+    only gpqa_diamond. The limit is brought forward once ifeval has finished (scontrol), so
+    a slow start on a loaded machine cannot use up the walltime before ifeval is done."""
     local = tmp_path / "results"
-    proc = apply_seed(cluster, work, local, *SLOW, "-o", "execution.walltime=00:02:00",
-                      "-o", "execution.max_walltime=00:04:00")
+    proc = start_apply(cluster, work, local, *SLOW, "-o", "execution.walltime=00:10:00",
+                       "-o", "execution.max_walltime=00:20:00")
+    run_dir, _state = wait_tasks(work, {"ifeval": "succeeded", "gpqa_diamond": "running"}, proc)
+    first_job = (run_dir / "jobs").read_text().split()[0]
+    # the end 2-3 minutes from now: Slurm's warning (120 s before it) comes within a minute
+    h, m, sec = (int(x) for x in cluster.job(first_job)["RunTime"].split(":"))
+    minutes = (h * 3600 + m * 60 + sec) // 60 + 3
+    cluster.cmd("scontrol", "update", f"JobId={first_job}", f"TimeLimit={minutes}")
+    out, err = proc.communicate(timeout=DEADLINE)
+    proc = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     by_task = {t["task"]: t for t in summary(local)["tasks"]}
     assert {k: v["status"] for k, v in by_task.items()} == {
@@ -471,7 +480,7 @@ def test_time_limit_keeps_finished_tasks_and_auto_resume_runs_the_rest(
     assert second["tasks"] == {"ifeval": "succeeded", "gpqa_diamond": "succeeded"}
     assert cluster.job(ran[0])["JobState"] in ("TIMEOUT", "FAILED")
     assert cluster.job(ran[1])["JobState"] == "COMPLETED"
-    assert len(jobs) == 2  # max_walltime 4 min / walltime 2 min: one resume, no more
+    assert len(jobs) == 2  # max_walltime 20 min / walltime 10 min: one resume, no more
     assert "job " + ran[0] in proc.stderr and "job " + ran[1] in proc.stderr
     nothing_runs(cluster)
 
