@@ -362,6 +362,8 @@ class Coordinator:
                     conn.sendall(b"PONG\n")
         except TimeoutError:
             reason = f"stopped its heartbeats (nothing for {3 * hb:g} s)"
+        except ConnectionResetError:  # a killed worker with a PONG still unread resets it
+            reason = "closed its connection (reset)"
         except OSError as e:
             reason = f"connection failed: {e}"
         finally:
